@@ -1,0 +1,29 @@
+"""noisy_keras: large mini-batch training that generalizes, for Keras 3 / TensorFlow.
+
+Linear learning-rate scaling plus annealed Gaussian noise added to every
+mini-batch gradient, sigma_t^2 = alpha / (1 + t)^gamma (Jaiswal & Taura,
+"Overcoming Generalization Gap in Large Mini-Batch Training of Deep Neural
+Networks"), with the methods it builds on and the tools to measure the effect.
+"""
+
+import keras as _keras
+
+if _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "noisy_keras needs the TensorFlow backend of Keras 3; KERAS_BACKEND is "
+        f"{_keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow."
+    )
+
+from noisy_keras.noise import PAPER_ALPHA, PAPER_GAMMA, noise_stddev, noise_variance, unit_noise
+from noisy_keras.optimizer import NoisyOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAPER_ALPHA",
+    "PAPER_GAMMA",
+    "NoisyOptimizer",
+    "noise_stddev",
+    "noise_variance",
+    "unit_noise",
+]

@@ -1,0 +1,166 @@
+"""Strategies from a short name, and logical CPU devices for laptops and tests."""
+
+import os
+
+import tensorflow as tf
+
+
+def configure_logical_cpus(num_devices: int) -> list:
+    """Splits the first physical CPU into `num_devices` logical devices.
+
+    Must run before TensorFlow initialises its devices (before the first op).
+    Two logical CPU devices let `tf.distribute.MirroredStrategy` run real
+    multi-replica code on a machine without GPUs.
+
+    Args:
+        num_devices: number of logical CPU devices, >= 1.
+
+    Returns:
+        The list of logical CPU devices.
+
+    Raises:
+        ValueError: `num_devices` is not a positive integer.
+        RuntimeError: devices were already initialised with another count.
+    """
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+        raise ValueError(f"num_devices must be a positive integer; received {num_devices!r}.")
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)]
+        )
+    except RuntimeError:
+        present = tf.config.list_logical_devices("CPU")
+        if len(present) != num_devices:
+            raise RuntimeError(
+                f"TensorFlow's devices are already initialised with {len(present)} logical "
+                f"CPU device(s); cannot switch to num_devices={num_devices}. Configure the "
+                "devices before the first TensorFlow op."
+            ) from None
+    return tf.config.list_logical_devices("CPU")
+
+
+STRATEGY_NAMES = ("default", "mirrored", "multiworker")
+
+
+def _check_num_devices(num_devices) -> None:
+    if num_devices is None:
+        return
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+        raise ValueError(
+            f"num_devices must be None or a positive integer; received {num_devices!r}."
+        )
+
+
+def make_strategy(name: str = "default", num_devices: int | None = None):
+    """Returns a `tf.distribute.Strategy` from a short name and a device count.
+
+    Rule:
+        * ``default``: one device, no replication (`tf.distribute.get_strategy()`
+          outside any scope); `num_devices` must be None or 1.
+        * ``mirrored``: `MirroredStrategy` over `num_devices` GPUs (all visible
+          GPUs when None) with NCCL all-reduce. Without GPUs it uses
+          `num_devices` logical CPU devices (splitting the CPU with
+          `configure_logical_cpus` if TensorFlow is not initialised yet) and
+          `ReductionToOneDevice`, since NCCL needs GPUs.
+        * ``multiworker``: `MultiWorkerMirroredStrategy` over the machines named
+          by the TF_CONFIG environment variable, each using all its local GPUs
+          (or its CPU), with NCCL collectives on GPUs and ring collectives
+          otherwise. `num_devices` must be None or the number of local GPUs.
+
+    Data parallelism: R replicas each take 1/R of the global batch; Keras
+    scales each replica's loss by 1/R and the gradients are SUM-all-reduced,
+    so the update is that of the mean loss over the global batch (Goyal et
+    al., "Accurate, Large Minibatch SGD", 2017).
+
+    Args:
+        name: one of "default", "mirrored", "multiworker".
+        num_devices: devices (replicas) on this machine; None for all.
+
+    Returns:
+        The strategy. Build and compile the model inside `strategy.scope()`.
+
+    Raises:
+        ValueError: unknown `name`, a bad `num_devices`, more devices than
+            present, or "multiworker" without TF_CONFIG.
+    """
+    _check_num_devices(num_devices)
+    if name == "default":
+        if num_devices not in (None, 1):
+            raise ValueError(
+                f"num_devices must be None or 1 for name='default'; received {num_devices!r}. "
+                "Use name='mirrored' for several devices."
+            )
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            count = len(gpus) if num_devices is None else num_devices
+            if count > len(gpus):
+                raise ValueError(
+                    f"num_devices={count} for name='mirrored' but only {len(gpus)} GPU(s) are "
+                    f"visible; allowed: 1..{len(gpus)} or None."
+                )
+            return tf.distribute.MirroredStrategy(
+                devices=[d.name for d in gpus[:count]],
+                cross_device_ops=tf.distribute.NcclAllReduce() if count > 1 else None,
+            )
+        cpus = tf.config.list_logical_devices("CPU")
+        count = len(cpus) if num_devices is None else num_devices
+        if count > len(cpus):
+            cpus = configure_logical_cpus(count)
+        return tf.distribute.MirroredStrategy(
+            devices=[d.name for d in cpus[:count]],
+            cross_device_ops=tf.distribute.ReductionToOneDevice(),
+        )
+    if name == "multiworker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError(
+                "name='multiworker' needs the TF_CONFIG environment variable (the cluster and "
+                "this worker's task); it is not set. Allowed without it: 'default', 'mirrored'."
+            )
+        gpus = tf.config.list_physical_devices("GPU")
+        if num_devices not in (None, max(len(gpus), 1)):
+            raise ValueError(
+                f"num_devices for name='multiworker' must be None or the number of local "
+                f"devices ({max(len(gpus), 1)}); received {num_devices!r}. Limit GPUs with "
+                "CUDA_VISIBLE_DEVICES."
+            )
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.NCCL
+            if gpus
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementation
+            )
+        )
+    raise ValueError(f"name must be one of {STRATEGY_NAMES}; received {name!r}.")
+
+
+def worker_index(strategy=None) -> int:
+    """This worker's index among the workers of `strategy` (0 without multi-worker)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 0
+    return int(resolver.task_id or 0)
+
+
+def is_chief(strategy=None) -> bool:
+    """Whether this process writes the run's files (checkpoints, status, logs).
+
+    Under `MultiWorkerMirroredStrategy` the chief is the task of type "chief",
+    or worker 0 when the cluster has no chief; every other setup has one
+    process, which is the chief.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type = resolver.task_type
+    if task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and not has_chief and int(resolver.task_id or 0) == 0

@@ -1,0 +1,170 @@
+"""Annealed Gaussian gradient noise: the schedule and the draw, as pure functions.
+
+Jaiswal & Taura add white noise to every mini-batch gradient before the update,
+
+    g~_t = g_t + n_t,   n_t ~ N(0, sigma_t^2 I),   sigma_t^2 = alpha / (1 + t)^gamma,
+
+with alpha = 1e-5 and gamma = 0.55 in their experiments, and t the number of
+parameter updates already applied (0 for the first). The schedule is the one of
+Neelakantan et al. (2015), "Adding Gradient Noise Improves Learning for Very Deep
+Networks", whose eta is the paper's alpha.
+
+References:
+    S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
+    Mini-Batch Training of Deep Neural Networks" (Section 3.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+PAPER_ALPHA = 1e-5
+PAPER_GAMMA = 0.55
+SEED_MAX = 2**31 - 1
+_PHILOX = 1  # tf.random.Algorithm.PHILOX
+
+__all__ = [
+    "PAPER_ALPHA",
+    "PAPER_GAMMA",
+    "SEED_MAX",
+    "noise_variance",
+    "noise_stddev",
+    "standard_normal",
+    "unit_noise",
+    "validate_noise_parameters",
+]
+
+
+def validate_noise_parameters(alpha, gamma, seed=None) -> None:
+    """Raises ValueError unless alpha, gamma and seed are usable.
+
+    Args:
+        alpha: noise variance at t = 0; a finite float >= 0 (0 turns noise off).
+        gamma: decay exponent; a finite float >= 0.
+        seed: None or an integer in [0, 2**31 - 1].
+    """
+    for arg_name, value in (("alpha", alpha), ("gamma", gamma)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise ValueError(f"`{arg_name}` must be a finite float >= 0; received {value!r}.")
+        if not math.isfinite(float(value)) or float(value) < 0:
+            raise ValueError(f"`{arg_name}` must be a finite float >= 0; received {value!r}.")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(
+                f"`seed` must be None or an integer in [0, {SEED_MAX}]; received {seed!r}."
+            )
+        if not 0 <= int(seed) <= SEED_MAX:
+            raise ValueError(
+                f"`seed` must be None or an integer in [0, {SEED_MAX}]; received {seed!r}."
+            )
+
+
+def noise_variance(step, alpha=PAPER_ALPHA, gamma=PAPER_GAMMA):
+    """Variance of the added noise per coordinate at update `step`.
+
+    sigma_t^2 = alpha / (1 + t)^gamma   (Jaiswal & Taura, Section 3.1).
+
+    Args:
+        step: t, the number of updates already applied (0 for the first); a
+            Python number, NumPy array or tensor.
+        alpha: variance at t = 0.
+        gamma: decay exponent.
+
+    Returns:
+        sigma_t^2, of the same kind as `step` (float tensor for a tensor).
+
+    Example:
+        >>> float(noise_variance(0)), round(float(noise_variance(99)), 10)
+        (1e-05, 7.943e-07)
+    """
+    if tf.is_tensor(step):
+        t = tf.cast(step, tf.float64)
+        return tf.cast(alpha / tf.pow(1.0 + t, gamma), tf.float32)
+    return alpha / np.power(1.0 + np.asarray(step, dtype=np.float64), gamma)
+
+
+def noise_stddev(step, alpha=PAPER_ALPHA, gamma=PAPER_GAMMA):
+    """Standard deviation sigma_t = sqrt(alpha / (1 + t)^gamma) of the added noise.
+
+    The draw is scaled by the standard deviation, never by the variance (a bug
+    optax once shipped).
+
+    Args:
+        step: t, updates already applied; number, array or tensor.
+        alpha: variance at t = 0.
+        gamma: decay exponent.
+
+    Returns:
+        sigma_t, of the same kind as `step`.
+    """
+    if tf.is_tensor(step):
+        t = tf.cast(step, tf.float64)
+        return tf.cast(tf.sqrt(alpha / tf.pow(1.0 + t, gamma)), tf.float32)
+    return np.sqrt(noise_variance(step, alpha, gamma))
+
+
+def standard_normal(num: int, seed: int, step) -> tf.Tensor:
+    """`num` i.i.d. N(0, 1) float32 numbers keyed on (seed, step), the same with and without XLA.
+
+    Philox-4x32 (Salmon et al., 2011) is run with key = seed and a 128-bit
+    counter whose high 64 bits are `step`, so the streams of different steps
+    never overlap. TensorFlow's own `stateless_normal` gives different numbers
+    under XLA than without it (the two kernels turn the same Philox bits into
+    normals differently), so only the raw 32-bit Philox words are taken from
+    TensorFlow, where both kernels agree bit for bit, and turned into normals
+    here by the Box-Muller transform (Box & Muller, 1958) on 24-bit uniforms in
+    (0, 1). Compiled and uncompiled draws then differ by float32 rounding of
+    log/sin/cos only (a few ulp), and each is exactly reproducible.
+
+    Args:
+        num: how many numbers, >= 0 (a Python int).
+        seed: integer in [0, 2**31 - 1].
+        step: t, a scalar integer (Python or tensor).
+
+    Returns:
+        A float32 tensor of shape [num].
+    """
+    half = (num + 1) // 2
+    key = tf.reshape(tf.cast(tf.constant(int(seed), tf.int64), tf.uint64), [1])
+    counter = tf.stack([tf.constant(0, tf.uint64), tf.cast(tf.cast(step, tf.int64), tf.uint64)])
+    bits = tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=[2 * half], key=key, counter=counter, alg=_PHILOX, dtype=tf.uint32
+    )
+    uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) * (2.0**-24)
+    radius = tf.sqrt(-2.0 * tf.math.log(uniform[:half]))
+    angle = (2.0 * math.pi) * uniform[half:]
+    return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:num]
+
+
+def unit_noise(shapes: Sequence, seed: int, step, dtype=tf.float32) -> list:
+    """Standard normal noise for a list of shapes, keyed on (seed, step) only.
+
+    One draw of `standard_normal` covers all shapes at once (cheaper than one op
+    per variable) and is split and reshaped in order. The result depends on
+    nothing but (seed, step, shapes), so every replica and every restart of a
+    run draws the same numbers.
+
+    Args:
+        shapes: fully defined shapes, one per variable.
+        seed: integer in [0, 2**31 - 1].
+        step: t, a scalar integer (Python or tensor).
+        dtype: dtype of the returned tensors.
+
+    Returns:
+        A list of tensors, one per shape, with i.i.d. N(0, 1) entries.
+    """
+    shapes = [tf.TensorShape(s) for s in shapes]
+    for shape in shapes:
+        if not shape.is_fully_defined():
+            raise ValueError(f"`shapes` must be fully defined; received {shape}.")
+    sizes = [int(s.num_elements()) for s in shapes]
+    total = sum(sizes)
+    if total == 0:
+        return [tf.zeros(s, dtype) for s in shapes]
+    flat = standard_normal(total, seed, step)
+    pieces = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+    return [tf.cast(tf.reshape(p, s), dtype) for p, s in zip(pieces, shapes)]

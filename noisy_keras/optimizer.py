@@ -1,0 +1,279 @@
+"""NoisyOptimizer: wraps any Keras 3 optimizer and adds annealed Gaussian noise to its gradients.
+
+The wrapper owns no arithmetic of its own beyond the noise: it adds
+n_t ~ N(0, sigma_t^2 I), sigma_t^2 = alpha / (1 + t)^gamma, to every gradient and
+hands the result to the inner optimizer, which then clips, decays, accumulates,
+all-reduces and updates exactly as it would without the wrapper.
+
+References:
+    S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
+    Mini-Batch Training of Deep Neural Networks" (Section 3.1).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import keras
+import tensorflow as tf
+
+from noisy_keras import noise as noise_lib
+
+# Base-optimizer keyword arguments the wrapper refuses, with their defaults
+# (a serialized config may carry the defaults; anything else is an error).
+_INNER_ONLY_ARGUMENTS = {
+    "learning_rate": None,
+    "weight_decay": None,
+    "clipnorm": None,
+    "clipvalue": None,
+    "global_clipnorm": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+
+
+def _replicas_summing_gradients() -> int:
+    """How many replicas' gradients the inner optimizer will SUM after this call.
+
+    Under a `tf.distribute` strategy, Keras' TensorFlow optimizer all-reduces the
+    gradients with SUM inside `apply`, when called in a replica context. In a
+    cross-replica context (or with no strategy) nothing is summed.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return 1
+    return int(context.num_replicas_in_sync)
+
+
+@keras.saving.register_keras_serializable(package="noisy_keras")
+class NoisyOptimizer(keras.optimizers.Optimizer):
+    """Adds annealed Gaussian noise to the gradients of a wrapped Keras optimizer.
+
+    At parameter update t (t = 0 for the first) every gradient coordinate gets
+    independent noise n_t ~ N(0, sigma_t^2), sigma_t^2 = alpha / (1 + t)^gamma,
+    before the inner optimizer sees it (Jaiswal & Taura, Section 3.1; alpha=1e-5,
+    gamma=0.55 in their experiments). Combine it with linear learning-rate
+    scaling (`noisy_keras.lr.scale_learning_rate`) for the paper's method.
+
+    Semantics:
+        * t is `optimizer.iterations`: updates applied, which under the inner
+          optimizer's `gradient_accumulation_steps=k` counts updates, not
+          micro-batches; noise then enters once per update (k times the noise is
+          added on the update micro-batch, which the inner optimizer divides by k).
+        * The noise is a function of (seed, t) only (stateless Philox), so a run
+          is reproducible and a restored checkpoint continues the same sequence.
+        * Under a `tf.distribute` strategy with R replicas every replica adds the
+          same noise divided by R; the inner optimizer's SUM all-reduce then adds
+          exactly one n_t, whatever R is.
+        * `tf.IndexedSlices` gradients (e.g. from `Embedding`) are made dense:
+          white noise touches every coordinate, rows outside the batch included.
+        * Noise is added before the inner optimizer's clipping, weight decay and
+          momentum; if the inner optimizer has `loss_scale_factor` the noise is
+          scaled with it so that it is the right size after unscaling. Under
+          `mixed_float16`, `compile` wraps this optimizer in a
+          `LossScaleOptimizer`, which unscales before calling it.
+        * alpha = 0 adds nothing: updates are bit-identical to the inner optimizer.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` instance to wrap (SGD, Adam,
+            AdamW, RMSprop, Lion, ...). Set learning rate, clipping, weight decay
+            and gradient accumulation on it, not on the wrapper.
+        alpha: noise variance at t = 0 (0 turns noise off).
+        gamma: decay exponent of the variance.
+        seed: integer in [0, 2**31 - 1]; None draws one at construction, which
+            is stored in the config so the run can be reproduced.
+        name: optimizer name.
+
+    Example:
+        >>> inner = keras.optimizers.SGD(learning_rate=0.04, momentum=0.9)
+        >>> optimizer = NoisyOptimizer(inner, alpha=1e-5, gamma=0.55, seed=1)
+        >>> model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+
+    References:
+        S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
+        Mini-Batch Training of Deep Neural Networks".
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        alpha=noise_lib.PAPER_ALPHA,
+        gamma=noise_lib.PAPER_GAMMA,
+        seed=None,
+        name=None,
+        **kwargs,
+    ):
+        for arg_name, default in _INNER_ONLY_ARGUMENTS.items():
+            if arg_name in kwargs:
+                value = kwargs.pop(arg_name)
+                if value != default:
+                    raise ValueError(
+                        f"NoisyOptimizer does not take `{arg_name}` (received "
+                        f"{arg_name}={value!r}); set `{arg_name}` on the wrapped "
+                        "optimizer instead, e.g. NoisyOptimizer(keras.optimizers.SGD("
+                        f"{arg_name}=...))."
+                    )
+        if kwargs:
+            raise ValueError(
+                f"NoisyOptimizer got unexpected argument(s) {sorted(kwargs)}; allowed: "
+                "optimizer, alpha, gamma, seed, name."
+            )
+        _check_inner_optimizer(optimizer)
+        noise_lib.validate_noise_parameters(alpha, gamma, seed)
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = optimizer
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+        self.seed = int(seed) if seed is not None else secrets.randbelow(noise_lib.SEED_MAX + 1)
+
+    # ---- Delegation to the inner optimizer ------------------------------------
+
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def iterations(self):
+        """Parameter updates applied so far: the inner optimizer's counter."""
+        return self.inner_optimizer.iterations
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    @property
+    def noise_stddev(self):
+        """sigma_t for the next update t = `iterations`, as a float32 tensor (for logging)."""
+        return noise_lib.noise_stddev(
+            tf.convert_to_tensor(self.iterations), self.alpha, self.gamma
+        )
+
+    # ---- The update ------------------------------------------------------------
+
+    def apply_gradients(self, grads_and_vars):
+        grads, trainable_variables = zip(*grads_and_vars)
+        self.apply(grads, trainable_variables)
+        return self.iterations
+
+    def apply(self, grads, trainable_variables=None):
+        """Adds the noise of update t to `grads`, then applies them with the inner optimizer."""
+        grads = list(grads)
+        if not grads:
+            return
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "NoisyOptimizer.apply got no `trainable_variables` and is not built; "
+                    "pass the variables or call `optimizer.build(variables)` first."
+                )
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+        if len(grads) != len(trainable_variables):
+            raise ValueError(
+                f"Got {len(grads)} gradients for {len(trainable_variables)} variables; "
+                "they must correspond one to one."
+            )
+        if self.alpha > 0:
+            grads = self._add_noise(grads, trainable_variables)
+        self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _add_noise(self, grads, trainable_variables):
+        inner = self.inner_optimizer
+        step = tf.convert_to_tensor(inner.iterations)
+        scale = noise_lib.noise_stddev(step, self.alpha, self.gamma)
+        accumulation_steps = inner.gradient_accumulation_steps
+        if accumulation_steps:
+            # Only the micro-batch that triggers the update carries noise, k times
+            # over, because the inner optimizer averages the k accumulated gradients.
+            is_update = tf.equal((inner._iterations + 1) % accumulation_steps, 0)
+            scale = scale * tf.cast(is_update, tf.float32) * float(accumulation_steps)
+        if inner.loss_scale_factor is not None:
+            scale = scale * float(inner.loss_scale_factor)
+        replicas = _replicas_summing_gradients()
+        if replicas > 1:
+            scale = scale / float(replicas)
+
+        targets = [
+            i
+            for i, (g, v) in enumerate(zip(grads, trainable_variables))
+            if g is not None and not getattr(v, "overwrite_with_gradient", False)
+        ]
+        shapes = [trainable_variables[i].shape for i in targets]
+        unit = noise_lib.unit_noise(shapes, self.seed, step)
+        noisy = list(grads)
+        for i, z in zip(targets, unit):
+            g = grads[i]
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            noisy[i] = g + tf.cast(scale * z, g.dtype)
+        return noisy
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError(
+            "NoisyOptimizer supports the TensorFlow backend's stateful `apply` only."
+        )
+
+    # ---- Serialization -----------------------------------------------------------
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+
+def _check_inner_optimizer(optimizer) -> None:
+    """Raises ValueError unless `optimizer` is a Keras 3 optimizer the wrapper can take."""
+    if isinstance(optimizer, NoisyOptimizer):
+        raise ValueError(
+            "`optimizer` is already a NoisyOptimizer; wrapping it again would add noise "
+            "twice. Pass its inner optimizer instead."
+        )
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "`optimizer` is a LossScaleOptimizer; its scaled gradients would carry the "
+            "noise. Wrap the other way round: LossScaleOptimizer(NoisyOptimizer(...)), "
+            "which `model.compile` does by itself under the 'mixed_float16' policy."
+        )
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        hint = ""
+        if isinstance(optimizer, str):
+            hint = f" Use e.g. NoisyOptimizer(keras.optimizers.get({optimizer!r}))."
+        raise ValueError(
+            "`optimizer` must be a Keras 3 optimizer instance (keras.optimizers.Optimizer, "
+            f"e.g. keras.optimizers.SGD(...)); received {optimizer!r} of type "
+            f"{type(optimizer).__name__}.{hint}"
+        )
