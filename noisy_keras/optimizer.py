@@ -161,9 +161,7 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
     @property
     def noise_stddev(self):
         """sigma_t for the next update t = `iterations`, as a float32 tensor (for logging)."""
-        return noise_lib.noise_stddev(
-            tf.convert_to_tensor(self.iterations), self.alpha, self.gamma
-        )
+        return noise_lib.noise_stddev(tf.convert_to_tensor(self.iterations), self.alpha, self.gamma)
 
     # ---- The update ------------------------------------------------------------
 

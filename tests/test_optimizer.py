@@ -41,8 +41,12 @@ def _expected_noise(seed, step, alpha, gamma, shapes=SHAPES):
 
 def test_noise_is_unit_noise_times_sigma_t_step_by_step():
     steps, seed, alpha, gamma = 40, 17, 3e-3, 0.55
-    scaled = _applied_noise(NoisyOptimizer(keras.optimizers.SGD(1.0), alpha, gamma, seed), _zeros(), steps)
-    unit = _applied_noise(NoisyOptimizer(keras.optimizers.SGD(1.0), 1.0, 0.0, seed), _zeros(), steps)
+    scaled = _applied_noise(
+        NoisyOptimizer(keras.optimizers.SGD(1.0), alpha, gamma, seed), _zeros(), steps
+    )
+    unit = _applied_noise(
+        NoisyOptimizer(keras.optimizers.SGD(1.0), 1.0, 0.0, seed), _zeros(), steps
+    )
     for t in range(steps):
         factor = math.sqrt(alpha / (1 + t) ** gamma)
         for got, base, want in zip(scaled[t], unit[t], _expected_noise(seed, t, alpha, gamma)):
@@ -86,7 +90,9 @@ def _tiny_regression_data(seed=0):
 def _fit_weights(optimizer, epochs=3, seed=0, model_seed=1):
     x, y = _tiny_regression_data(seed)
     keras.utils.set_random_seed(model_seed)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)]
+    )
     model.compile(optimizer=optimizer, loss="mse")
     model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0)
     return model.get_weights()
@@ -154,7 +160,9 @@ def test_seed_none_is_drawn_once_and_stored_in_config():
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_compiled_step_matches_eager_and_traces_once(jit_compile):
     seed, alpha, gamma, steps = 9, 1e-3, 0.55, 6
-    eager = _applied_noise(NoisyOptimizer(keras.optimizers.SGD(1.0), alpha, gamma, seed), _zeros(), steps)
+    eager = _applied_noise(
+        NoisyOptimizer(keras.optimizers.SGD(1.0), alpha, gamma, seed), _zeros(), steps
+    )
 
     optimizer = NoisyOptimizer(keras.optimizers.SGD(1.0), alpha, gamma, seed)
     variables = _zeros()
@@ -346,7 +354,9 @@ def test_mixed_float16_compile_wraps_and_trains():
     keras.config.set_dtype_policy("mixed_float16")
     x, y = _tiny_regression_data()
     keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)]
+    )
     noisy = NoisyOptimizer(keras.optimizers.SGD(0.05), alpha=1e-5, seed=1)
     model.compile(optimizer=noisy, loss="mse")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -398,7 +408,9 @@ def test_config_round_trip():
 
 def _compiled_model(optimizer):
     keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)]
+    )
     model.compile(optimizer=optimizer, loss="mse")
     return model
 
@@ -468,7 +480,12 @@ def test_backup_and_restore_continues_noise_schedule(tmp_path):
     interrupted = make()
     with pytest.raises(RuntimeError, match="interrupted"):
         interrupted.fit(
-            x, y, batch_size=16, epochs=4, shuffle=False, verbose=0,
+            x,
+            y,
+            batch_size=16,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
             callbacks=[backup, _InterruptAtEpoch(2)],
         )
     resumed = make()
