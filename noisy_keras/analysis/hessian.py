@@ -1,0 +1,462 @@
+"""Sharpness as the Hessian spectrum of the training loss: top eigenvalues and trace.
+
+Jastrzebski et al. (2018) measure the flatness of a minimum by the largest
+eigenvalue of the Hessian H of the training loss L(theta) (Jaiswal & Taura,
+Section 2.4, Fig. 3). H is never formed: Hessian-vector products
+
+    H v = d/dtheta <grad L(theta), v>
+
+are computed by double backward (reverse-over-reverse) differentiation, batch by
+batch, and averaged with weights n_b / N so that batches of unequal size give the
+Hessian of the mean loss over the whole dataset. The model runs in inference mode
+(BatchNormalization uses its moving statistics, Dropout is off), and the loss is
+the data loss without regularization penalties.
+
+Eigenvalues. Power iteration converges to the eigenvalue of largest *magnitude*.
+Away from a minimum the Hessian has negative eigenvalues, and the most negative
+can dominate. `top_eigenvalue_power` therefore runs a second power iteration on
+the shifted operator H - lambda_1 I whenever the first one returns lambda_1 < 0;
+the shifted spectrum is non-negative and its dominant eigenvalue is
+lambda_max - lambda_1. `lanczos` (the default) returns the largest *algebraic*
+eigenvalues directly, and the top k at once, in fewer products. Both stop when
+the residual ||H v - lambda v|| is at most `tolerance * |lambda|` for every
+requested pair; for a symmetric matrix this bounds the distance from lambda to the
+nearest eigenvalue by the same amount.
+
+Trace. Hutchinson's estimator tr(H) = E[z^T H z] with Rademacher z (entries +-1),
+averaged over seeded samples, reported with its standard error.
+
+References:
+    S. Jastrzebski, Z. Kenton, D. Arpit, N. Ballas, A. Fischer, Y. Bengio and
+    A. Storkey, "Three Factors Influencing Minima in SGD", 2018,
+    https://arxiv.org/abs/1711.04623.
+    B. A. Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural
+    Computation 6(1), 1994.
+    C. Lanczos, "An iteration method for the solution of the eigenvalue problem
+    of linear differential and integral operators", J. Res. NBS 45, 1950.
+    M. F. Hutchinson, "A stochastic estimator of the trace of the influence
+    matrix for Laplacian smoothing splines", 1990.
+    Z. Yao, A. Gholami, K. Keutzer and M. Mahoney, "PyHessian: Neural Networks
+    Through the Lens of the Hessian", 2020, https://arxiv.org/abs/1912.07145.
+    S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
+    Mini-Batch Training of Deep Neural Networks" (Section 2.4, Fig. 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from noisy_keras.analysis import _common
+
+METHODS = ("lanczos", "power")
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: shape (k,), in descending order.
+        eigenvectors: shape (k, n), unit vectors, row i for eigenvalue i.
+        residuals: ||A v_i - lambda_i v_i||, shape (k,).
+        iterations: number of matrix-vector (Hessian-vector) products used.
+        converged: whether every residual met the tolerance within the cap.
+        method: ``"lanczos"`` or ``"power"``.
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    residuals: np.ndarray
+    iterations: int
+    converged: bool
+    method: str
+
+    @property
+    def eigenvalue(self) -> float:
+        """The largest eigenvalue found (the sharpness, for a Hessian)."""
+        return float(self.eigenvalues[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceEstimate:
+    """A Hutchinson trace estimate.
+
+    Attributes:
+        trace: the mean of z^T A z over the samples.
+        standard_error: sample standard deviation / sqrt(num_samples).
+        num_samples: number of Rademacher vectors z.
+    """
+
+    trace: float
+    standard_error: float
+    num_samples: int
+
+
+def _check_method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; received {method!r}.")
+    return method
+
+
+def _check_tolerance(tolerance) -> float:
+    return _common.check_nonnegative_float(tolerance, "tolerance", positive=True)
+
+
+def power_iteration(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    *,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    shift: float = 0.0,
+) -> EigenResult:
+    """The eigenpair of A whose eigenvalue lambda maximizes |lambda - shift|.
+
+    Power iteration on A - shift * I from a seeded Gaussian start vector, with the
+    Rayleigh quotient as the estimate. With shift = 0 this is the eigenvalue of
+    largest magnitude, which may be negative; see `top_eigenvalue_power`.
+
+    Args:
+        matvec: v -> A v for a symmetric A, on float64 vectors of shape (dim,).
+        dim: the dimension n.
+        max_iterations: cap on the number of products.
+        tolerance: stop when ||A v - lambda v|| <= tolerance * |lambda - shift|.
+        seed: seed of the start vector.
+        shift: the shift (see above).
+
+    Returns:
+        An `EigenResult` with k = 1; the eigenvalue is that of A (shift added back).
+    """
+    dim = _common.check_positive_int(dim, "dim")
+    max_iterations = _common.check_positive_int(max_iterations, "max_iterations")
+    tolerance = _check_tolerance(tolerance)
+    vector = np.random.default_rng(seed).standard_normal(dim)
+    vector /= np.linalg.norm(vector)
+    converged, iterations = False, 0
+    while iterations < max_iterations:
+        iterations += 1
+        product = np.asarray(matvec(vector), dtype=np.float64) - shift * vector
+        value = float(vector @ product)
+        residual = float(np.linalg.norm(product - value * vector))
+        if residual <= tolerance * abs(value):
+            converged = True
+            break
+        norm = np.linalg.norm(product)
+        if norm == 0.0:
+            converged = True
+            break
+        vector = product / norm
+    return EigenResult(
+        eigenvalues=np.array([value + shift]),
+        eigenvectors=vector[None, :],
+        residuals=np.array([residual]),
+        iterations=iterations,
+        converged=converged,
+        method="power",
+    )
+
+
+def top_eigenvalue_power(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    *,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> EigenResult:
+    """The largest algebraic eigenvalue of a symmetric A by (shifted) power iteration.
+
+    A first power iteration finds lambda_1, the eigenvalue of largest magnitude.
+    If lambda_1 >= 0 it is also the largest eigenvalue. Otherwise a second power
+    iteration runs on A - lambda_1 I, whose eigenvalues lambda_i - lambda_1 are
+    >= 0 and whose dominant one is lambda_max - lambda_1.
+
+    Args:
+        matvec, dim, max_iterations, tolerance, seed: as in `power_iteration`
+            (`max_iterations` caps each of the two passes).
+
+    Returns:
+        An `EigenResult` (k = 1); `iterations` counts the products of both passes
+        and `converged` requires both to have converged.
+    """
+    first = power_iteration(
+        matvec, dim, max_iterations=max_iterations, tolerance=tolerance, seed=seed
+    )
+    if first.eigenvalue >= 0:
+        return first
+    second = power_iteration(
+        matvec,
+        dim,
+        max_iterations=max_iterations,
+        tolerance=tolerance,
+        seed=seed,
+        shift=first.eigenvalue,
+    )
+    return dataclasses.replace(
+        second,
+        iterations=first.iterations + second.iterations,
+        converged=first.converged and second.converged,
+    )
+
+
+def lanczos(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    k: int = 1,
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> EigenResult:
+    """The k largest (algebraic) eigenpairs of a symmetric A by Lanczos iteration.
+
+    Lanczos with full re-orthogonalization from a seeded Gaussian start vector.
+    After each product the tridiagonal matrix T_m is diagonalized; the Ritz pair
+    (theta_i, Q s_i) has residual |beta_m s_{m,i}|, and the iteration stops when
+    every one of the top k residuals is at most `tolerance * |theta_i|`. If the
+    Krylov space becomes invariant before k pairs are found, the iteration
+    continues from a new random vector orthogonal to it. Memory: (m + 1) vectors
+    of size dim.
+
+    Args:
+        matvec: v -> A v for a symmetric A, on float64 vectors of shape (dim,).
+        dim: the dimension n.
+        k: number of eigenvalues, 1 <= k <= dim.
+        max_iterations: cap on the number of products (at most dim are needed).
+        tolerance: relative residual tolerance (see above).
+        seed: seed of the start vector(s).
+
+    Returns:
+        An `EigenResult` with the k largest Ritz values in descending order.
+    """
+    dim = _common.check_positive_int(dim, "dim")
+    k = _common.check_positive_int(k, "k")
+    if k > dim:
+        raise ValueError(f"k must be at most dim={dim}; received k={k}.")
+    max_iterations = _common.check_positive_int(max_iterations, "max_iterations")
+    tolerance = _check_tolerance(tolerance)
+    rng = np.random.default_rng(seed)
+    steps = min(max_iterations, dim)
+    basis = np.zeros((steps + 1, dim))
+    start = rng.standard_normal(dim)
+    basis[0] = start / np.linalg.norm(start)
+    diagonal, off_diagonal = [], []
+    converged = False
+    for j in range(steps):
+        product = np.asarray(matvec(basis[j]), dtype=np.float64)
+        diagonal.append(float(basis[j] @ product))
+        for _ in range(2):  # full re-orthogonalization, twice is enough
+            product -= basis[: j + 1].T @ (basis[: j + 1] @ product)
+        beta = float(np.linalg.norm(product))
+        tridiagonal = np.diag(diagonal) + np.diag(off_diagonal, 1) + np.diag(off_diagonal, -1)
+        ritz_values, ritz_vectors = np.linalg.eigh(tridiagonal)
+        order = np.argsort(ritz_values)[::-1][:k]
+        residuals = beta * np.abs(ritz_vectors[-1, order])
+        scale = max(np.max(np.abs(ritz_values)), np.finfo(np.float64).tiny)
+        floor = 1e-10 * scale  # eigenvalues at 0 cannot meet a purely relative test
+        allowed = tolerance * np.maximum(np.abs(ritz_values[order]), floor)
+        if j + 1 >= k and np.all(residuals <= allowed):
+            converged = True
+            break
+        if j + 1 == steps:
+            break
+        if beta <= 1e-12 * scale:  # invariant subspace: restart orthogonally
+            beta = 0.0
+            product = rng.standard_normal(dim)
+            for _ in range(2):
+                product -= basis[: j + 1].T @ (basis[: j + 1] @ product)
+            product /= np.linalg.norm(product)
+            basis[j + 1] = product
+        else:
+            basis[j + 1] = product / beta
+        off_diagonal.append(beta)
+    m = len(diagonal)
+    vectors = (basis[:m].T @ ritz_vectors[:, order]).T
+    return EigenResult(
+        eigenvalues=ritz_values[order].copy(),
+        eigenvectors=vectors,
+        residuals=residuals,
+        iterations=m,
+        converged=converged,
+        method="lanczos",
+    )
+
+
+def hutchinson_trace(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    *,
+    num_samples: int = 100,
+    seed: int = 0,
+) -> TraceEstimate:
+    """Hutchinson's estimate of tr(A): the mean of z^T A z over Rademacher vectors z.
+
+    Unbiased; its variance per sample is 2 * sum_{i != j} A_ij^2 for symmetric A (so
+    it is exact for a diagonal A).
+
+    Args:
+        matvec: v -> A v on float64 vectors of shape (dim,).
+        dim: the dimension n.
+        num_samples: number of seeded Rademacher vectors, >= 2.
+        seed: the seed.
+
+    Returns:
+        A `TraceEstimate` with the standard error of the mean.
+    """
+    dim = _common.check_positive_int(dim, "dim")
+    num_samples = _common.check_positive_int(num_samples, "num_samples", minimum=2)
+    rng = np.random.default_rng(seed)
+    samples = np.empty(num_samples)
+    for i in range(num_samples):
+        z = rng.integers(0, 2, size=dim) * 2.0 - 1.0
+        samples[i] = z @ np.asarray(matvec(z), dtype=np.float64)
+    return TraceEstimate(
+        trace=float(samples.mean()),
+        standard_error=float(samples.std(ddof=1) / np.sqrt(num_samples)),
+        num_samples=num_samples,
+    )
+
+
+class HessianOperator:
+    """v -> H v for the Hessian H of a model's mean training loss w.r.t. its trainable weights.
+
+    Each call is one pass over `data`: per batch, a double-backward product of the
+    batch-mean loss, weighted by the batch size, so that the result is the product
+    with the Hessian of the mean loss over all examples. The model is called in
+    inference mode and is not modified.
+
+    Args:
+        model: a built Keras model.
+        data: `(x, y)` arrays or a batched `tf.data.Dataset` of `(x, y)`; for a
+            fixed batch pass `(x[:b], y[:b])` with `batch_size=b`. A dataset must
+            give the same examples on every pass (no random augmentation).
+        loss: a `keras.losses.Loss` or per-example loss function; default
+            `SparseCategoricalCrossentropy(from_logits=True)`.
+        batch_size: batch size for arrays.
+
+    Attributes:
+        dim: number of trainable parameters (the flattened order of
+            `model.trainable_variables`).
+        num_products: Hessian-vector products computed so far.
+    """
+
+    def __init__(self, model: keras.Model, data, *, loss=None, batch_size: int = 256):
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"model must be a keras.Model; received {type(model).__name__}.")
+        self.model = model
+        self.data = data
+        self.loss = _common.resolve_loss(loss)
+        self.batch_size = _common.check_positive_int(batch_size, "batch_size")
+        self.variables = list(model.trainable_variables)
+        self.dim = _common.num_parameters(self.variables)
+        if self.dim == 0:
+            raise ValueError("model has no trainable weights; the Hessian is empty.")
+        self.num_products = 0
+        self._batch_product = tf.function(self._batch_product_eager, reduce_retracing=True)
+
+    def _batch_product_eager(self, x, y, vector):
+        zero = tf.UnconnectedGradients.ZERO
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = _common.mean_loss(self.loss, y, self.model(x, training=False))
+            gradients = inner.gradient(value, self.variables, unconnected_gradients=zero)
+            projection = tf.add_n(
+                [tf.reduce_sum(g * v) for g, v in zip(gradients, vector, strict=True)]
+            )
+        return _common.flatten_tensors(
+            outer.gradient(projection, self.variables, unconnected_gradients=zero)
+        )
+
+    def __call__(self, vector) -> np.ndarray:
+        """H @ vector for a flat float64 vector of shape (dim,)."""
+        vector = _common.check_vector(vector, self.dim, "vector")
+        pieces = _common.split_flat(vector, self.variables)
+        total, count = np.zeros(self.dim), 0
+        for x, y in _common.iterate_batches(self.data, self.batch_size, "data"):
+            n = _common.batch_length(y)
+            total += n * self._batch_product(x, y, pieces).numpy()
+            count += n
+        if count == 0:
+            raise ValueError("data holds no examples.")
+        self.num_products += 1
+        return total / count
+
+
+def hessian_vector_product(model, data, vector, *, loss=None, batch_size: int = 256):
+    """H v for the Hessian of the mean training loss; see `HessianOperator`.
+
+    Args:
+        model, data, loss, batch_size: as in `HessianOperator`.
+        vector: flat array of shape (number of trainable parameters,), in the order
+            of `model.trainable_variables`.
+
+    Returns:
+        The float64 product, same shape as `vector`.
+    """
+    return HessianOperator(model, data, loss=loss, batch_size=batch_size)(vector)
+
+
+def hessian_eigenvalues(
+    model,
+    data,
+    k: int = 1,
+    *,
+    loss=None,
+    method: str = "lanczos",
+    max_iterations: int = 100,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> EigenResult:
+    """The k largest eigenvalues of the training-loss Hessian (sharpness for k = 1).
+
+    Args:
+        model, data, loss, batch_size: as in `HessianOperator`.
+        k: number of eigenvalues; ``method="power"`` supports only k = 1.
+        method: ``"lanczos"`` (default; largest algebraic) or ``"power"``
+            (shifted power iteration, `top_eigenvalue_power`).
+        max_iterations: cap on Hessian-vector products (per pass, for power).
+        tolerance: relative residual tolerance.
+        seed: seed of the start vector.
+
+    Returns:
+        An `EigenResult`; `.eigenvalue` is the sharpness max_j lambda_j.
+
+    References:
+        Jastrzebski et al. 2018; Jaiswal & Taura, Fig. 3.
+    """
+    _check_method(method)
+    k = _common.check_positive_int(k, "k")
+    if method == "power" and k != 1:
+        raise ValueError(f'method="power" finds one eigenvalue; received k={k}. Use "lanczos".')
+    operator = HessianOperator(model, data, loss=loss, batch_size=batch_size)
+    if method == "power":
+        return top_eigenvalue_power(
+            operator, operator.dim, max_iterations=max_iterations, tolerance=tolerance, seed=seed
+        )
+    return lanczos(
+        operator, operator.dim, k, max_iterations=max_iterations, tolerance=tolerance, seed=seed
+    )
+
+
+def hessian_trace(
+    model, data, *, num_samples: int = 100, seed: int = 0, loss=None, batch_size: int = 256
+) -> TraceEstimate:
+    """Hutchinson's estimate of the trace of the training-loss Hessian.
+
+    Args:
+        model, data, loss, batch_size: as in `HessianOperator`.
+        num_samples: number of Rademacher vectors (one Hessian-vector product each).
+        seed: the seed.
+
+    Returns:
+        A `TraceEstimate`.
+    """
+    operator = HessianOperator(model, data, loss=loss, batch_size=batch_size)
+    return hutchinson_trace(operator, operator.dim, num_samples=num_samples, seed=seed)

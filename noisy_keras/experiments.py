@@ -1,0 +1,438 @@
+r"""Grids of configurations x seeds through the main job, with tables and figures.
+
+    python -m noisy_keras.experiments --out=results/offline \
+        --flagfiles=flags/repro_digits.flags,flags/repro_mnist1d.flags \
+        --batch_sizes=32,64,128,256,512,1024 --alphas=0,1e-5,1e-3,1e-2 --seeds=5
+
+Each cell is (flagfile, batch size, alpha); each cell runs once per seed with
+`noisy_keras.train.train`, in `OUT/runs/<cell>/seed<k>`. A run whose
+`summary.json` says "done" is never redone, so an interrupted grid resumes where
+it stopped when the same command is run again (a run killed half-way resumes
+from its last checkpoint). After training, the sharpness of each run (top
+Hessian eigenvalue of the training loss on a fixed subset of training examples,
+Jastrzebski et al. 2018) is measured once and stored next to it.
+
+Outputs in OUT:
+    results.csv      one row per run
+    table.csv/.md    per cell: n, mean, sd and 95% CI (Student t) of final validation
+                     accuracy, training accuracy, gap, sharpness and wall time
+    gap_<dataset>.png, val_<dataset>.png     gap / validation accuracy vs batch size
+    noise_<dataset>_b<B>.png                 validation curves with and without noise
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from noisy_keras import train as train_lib
+
+SHARPNESS_EXAMPLES = 512
+METRICS = ("val_accuracy", "train_accuracy", "gap", "sharpness", "wall_time_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One configuration of a grid: a base flagfile with batch size and alpha overridden."""
+
+    flagfile: str
+    batch_size: int
+    alpha: float
+
+    @property
+    def base_name(self) -> str:
+        return os.path.splitext(os.path.basename(self.flagfile))[0]
+
+    @property
+    def name(self) -> str:
+        return f"{self.base_name}-b{self.batch_size}-a{self.alpha:g}"
+
+
+def read_flagfile(path: str) -> dict:
+    """The `--name=value` lines of an absl flagfile (comments and blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is neither a comment nor `--name=value`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"flagfile {path!r} does not exist.")
+    values = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith("--") or "=" not in line:
+                raise ValueError(f"{path}:{number}: expected '--name=value', received {line!r}.")
+            key, value = line[2:].split("=", 1)
+            values[key] = value
+    return values
+
+
+def config_from_strings(values: dict) -> train_lib.TrainConfig:
+    """A validated `TrainConfig` from `{field: string}` (flagfile values).
+
+    Raises:
+        ValueError: an unknown field, or a value of the wrong type, naming both.
+    """
+    fields = {f.name: f for f in dataclasses.fields(train_lib.TrainConfig)}
+    defaults = train_lib.TrainConfig()
+    converted = {}
+    for key, text in values.items():
+        if key not in fields:
+            raise ValueError(f"Unknown flag --{key}; valid: {', '.join(sorted(fields))}.")
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                converted[key] = text.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                converted[key] = tuple(int(s) for s in text.split(",") if s.strip())
+            elif isinstance(default, int):
+                converted[key] = int(text)
+            elif isinstance(default, float):
+                converted[key] = float(text)
+            else:
+                converted[key] = text
+        except ValueError:
+            raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}.") from None
+    return train_lib.validate_config(train_lib.TrainConfig(**converted))
+
+
+def grid_cells(flagfiles, batch_sizes, alphas) -> list[Cell]:
+    """The grid's cells in a fixed order: flagfile, then batch size, then alpha."""
+    return [
+        Cell(f, int(b), float(a)) for f, b, a in itertools.product(flagfiles, batch_sizes, alphas)
+    ]
+
+
+def run_dir(out: str, cell: Cell, seed: int) -> str:
+    return os.path.join(out, "runs", cell.name, f"seed{seed}")
+
+
+def _load_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def measure_sharpness(workdir: str, config: train_lib.TrainConfig) -> float:
+    """Top Hessian eigenvalue of the training loss of a finished run (Lanczos).
+
+    Uses the first `SHARPNESS_EXAMPLES` training examples of the run's split,
+    normalized as in training, and the saved final model.
+    """
+    import keras
+
+    from noisy_keras import data
+    from noisy_keras.analysis import hessian
+
+    dataset = data.load_dataset(
+        config.dataset,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        data_dir=config.data_dir or None,
+        image_size=config.image_size or None,
+    )
+    x, y = dataset.train_arrays()
+    count = min(SHARPNESS_EXAMPLES, len(y))
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"), compile=False)
+    result = hessian.hessian_eigenvalues(
+        model, (x[:count], y[:count]), k=1, max_iterations=60, tolerance=1e-3, seed=0
+    )
+    return float(result.eigenvalue)
+
+
+def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
+    """Trains (or resumes, or skips) one run and returns its result row."""
+    import keras
+
+    values = read_flagfile(cell.flagfile)
+    values.update(overrides)
+    values.update(batch_size=str(cell.batch_size), noise_alpha=repr(cell.alpha), seed=str(seed))
+    values.setdefault("verbose", "0")
+    config = config_from_strings(values)
+    workdir = run_dir(out, cell, seed)
+    summary = _load_json(os.path.join(workdir, "summary.json"))
+    if summary is None or summary.get("status") != "done":
+        keras.utils.clear_session()
+        summary = train_lib.train(config, workdir)
+    if summary["status"] == "done" and "sharpness" not in summary:
+        keras.utils.clear_session()
+        summary["sharpness"] = measure_sharpness(workdir, config)
+        train_lib._atomic_write(
+            os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n"
+        )
+    return {
+        "cell": cell.name,
+        "base": cell.base_name,
+        "dataset": config.dataset,
+        "batch_size": cell.batch_size,
+        "alpha": cell.alpha,
+        "seed": seed,
+        "status": summary["status"],
+        **{m: summary.get(m, float("nan")) for m in METRICS},
+        "workdir": workdir,
+    }
+
+
+def summarize_rows(rows: list[dict]) -> list[dict]:
+    """Per cell: n and mean, sd, 95% CI of every metric over the finished seeds."""
+    from noisy_keras.analysis import stats
+
+    table = []
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["base"], row["batch_size"], row["alpha"]), []).append(row)
+    for (base, batch_size, alpha), members in cells.items():
+        done = [r for r in members if r["status"] == "done"]
+        entry = {"base": base, "batch_size": batch_size, "alpha": alpha, "n": len(done)}
+        entry["diverged"] = sum(r["status"] == "diverged" for r in members)
+        for metric in METRICS:
+            values = [r[metric] for r in done if math.isfinite(r[metric])]
+            if values:
+                s = stats.summarize(values)
+                entry.update(
+                    {
+                        f"{metric}_mean": s.mean,
+                        f"{metric}_sd": s.std,
+                        f"{metric}_ci_low": s.ci_low,
+                        f"{metric}_ci_high": s.ci_high,
+                    }
+                )
+        table.append(entry)
+    return table
+
+
+def _fmt(entry: dict, metric: str, scale: float = 100.0, digits: int = 1) -> str:
+    mean = entry.get(f"{metric}_mean")
+    if mean is None:
+        return "-"
+    low, high = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
+    if math.isnan(low):
+        return f"{scale * mean:.{digits}f}"
+    half = scale * (high - low) / 2
+    return f"{scale * mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown_table(table: list[dict]) -> str:
+    """The per-cell table in Markdown: mean ± 95% CI half-width (accuracies in %)."""
+    lines = [
+        "| config | B | alpha | n | val acc % | train acc % | gap (pp) | sharpness | time s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in table:
+        lines.append(
+            f"| {e['base']} | {e['batch_size']} | {e['alpha']:g} | {e['n']} | "
+            f"{_fmt(e, 'val_accuracy')} | {_fmt(e, 'train_accuracy')} | {_fmt(e, 'gap')} | "
+            f"{_fmt(e, 'sharpness', 1.0, 2)} | {_fmt(e, 'wall_time_s', 1.0, 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    keys = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_figures(out: str, rows: list[dict]) -> list[str]:
+    """Gap and validation accuracy vs batch size per base config; noise comparison curves."""
+    from noisy_keras.analysis import plots
+
+    written = []
+    for base in sorted({r["base"] for r in rows}):
+        done = [r for r in rows if r["base"] == base and r["status"] == "done"]
+        if not done:
+            continue
+        for metric, prefix, label in (
+            ("gap", "gap", "generalization gap (training - validation accuracy)"),
+            ("val_accuracy", "val", "final validation accuracy"),
+        ):
+            groups = {}
+            for r in done:
+                name = "no noise" if r["alpha"] == 0 else f"alpha={r['alpha']:g}"
+                groups.setdefault(name, {}).setdefault(r["batch_size"], []).append(r[metric])
+            path = os.path.join(out, f"{prefix}_{base}.png")
+            plots.plot_gap_vs_batch_size(groups, path, ylabel=label, title=base)
+            written.append(path)
+        largest = max(r["batch_size"] for r in done)
+        curves = {}
+        for r in done:
+            if r["batch_size"] == largest:
+                name = "no noise" if r["alpha"] == 0 else f"alpha={r['alpha']:g}"
+                curves.setdefault(name, []).append(
+                    train_lib.read_metrics(os.path.join(r["workdir"], "metrics.csv"))
+                )
+        path = os.path.join(out, f"noise_{base}_b{largest}.png")
+        plots.plot_noise_comparison(curves, path, title=f"{base}, B={largest}")
+        written.append(path)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return written
+
+
+def run_grid(
+    *,
+    out: str,
+    flagfiles,
+    batch_sizes,
+    alphas,
+    seeds,
+    overrides: dict | None = None,
+    shard: tuple[int, int] = (0, 1),
+    log=print,
+) -> list[dict]:
+    """Runs every (cell, seed) of the grid not yet done, then writes tables and figures.
+
+    Args:
+        out: output directory.
+        flagfiles: base flagfiles (one per dataset/model recipe).
+        batch_sizes: global batch sizes; the learning rate follows each
+            flagfile's scaling rule.
+        alphas: noise alphas (0 = no noise).
+        seeds: seeds, e.g. range(5).
+        overrides: extra `{flag: string}` applied to every run (e.g. epochs).
+        shard: (index, count): this process runs every count-th job from index,
+            so several processes can share a grid; each writes the tables from
+            the runs finished so far.
+        log: progress printer.
+
+    Returns:
+        The per-run rows (also in OUT/results.csv).
+    """
+    index, count = shard
+    if not (isinstance(count, int) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count; got {shard!r}.")
+    cells = grid_cells(flagfiles, batch_sizes, alphas)
+    jobs = [(c, s) for c in cells for s in seeds]
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    for number, (cell, seed) in enumerate(jobs):
+        if number % count != index:
+            continue
+        row = run_cell_seed(out, cell, seed, overrides or {})
+        log(
+            f"[{number + 1}/{len(jobs)} {time.time() - start:.0f}s] {cell.name} seed {seed}: "
+            f"{row['status']} val {row['val_accuracy']:.4f} gap {row['gap']:+.4f} "
+            f"sharpness {row['sharpness']:.3g}"
+        )
+    return write_reports(out, jobs)
+
+
+def write_reports(out: str, jobs) -> list[dict]:
+    """Collects every finished run of `jobs` into results.csv, table.csv/.md and figures."""
+    rows = []
+    for cell, seed in jobs:
+        summary = _load_json(os.path.join(run_dir(out, cell, seed), "summary.json"))
+        if summary is None:
+            continue
+        rows.append(
+            {
+                "cell": cell.name,
+                "base": cell.base_name,
+                "batch_size": cell.batch_size,
+                "alpha": cell.alpha,
+                "seed": seed,
+                "status": summary["status"],
+                **{m: float(summary.get(m, float("nan"))) for m in METRICS},
+                "workdir": run_dir(out, cell, seed),
+            }
+        )
+    if not rows:
+        return rows
+    _write_csv(
+        os.path.join(out, "results.csv"),
+        [{k: v for k, v in r.items() if k != "workdir"} for r in rows],
+    )
+    table = summarize_rows(rows)
+    _write_csv(os.path.join(out, "table.csv"), table)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(markdown_table(table))
+    write_figures(out, rows)
+    return rows
+
+
+def define_flags() -> None:
+    if "flagfiles" in flags.FLAGS:
+        return
+    flags.DEFINE_string("out", "results/offline", "Output directory of the grid.")
+    flags.DEFINE_list(
+        "flagfiles",
+        ["flags/repro_digits.flags", "flags/repro_mnist1d.flags"],
+        "Base flagfiles, one per recipe.",
+    )
+    flags.DEFINE_list("batch_sizes", ["32", "128", "512", "1024"], "Global batch sizes.")
+    flags.DEFINE_list("alphas", ["0", "1e-5", "1e-4", "1e-3"], "Noise alphas (0 = none).")
+    flags.DEFINE_integer("seeds", 5, "Seeds per cell: 0..seeds-1.")
+    flags.DEFINE_multi_string("set", [], "Override for every run, e.g. --set=epochs=5.")
+    flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job starting at i.")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like 'i/n' (e.g. 0/2); received {text!r}.") from None
+    return index, count
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    FLAGS = flags.FLAGS
+    try:
+        overrides = {}
+        for item in FLAGS.set:
+            if "=" not in item:
+                raise ValueError(f"--set expects name=value; received {item!r}.")
+            key, value = item.split("=", 1)
+            overrides[key.lstrip("-")] = value
+        batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+        alphas = [float(a) for a in FLAGS.alphas]
+        if FLAGS.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
+        for path in FLAGS.flagfiles:
+            read_flagfile(path)
+        rows = run_grid(
+            out=FLAGS.out,
+            flagfiles=FLAGS.flagfiles,
+            batch_sizes=batch_sizes,
+            alphas=alphas,
+            seeds=list(range(FLAGS.seeds)),
+            overrides=overrides,
+            shard=_parse_shard(FLAGS.shard),
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"noisy_keras.experiments: error: {error}", file=sys.stderr)
+        return 2
+    print(f"noisy_keras.experiments: {len(rows)} runs reported in {FLAGS.out}/table.md")
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (`noisy-keras-experiments`)."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,110 @@
+"""The experiment runner: grid x seeds, resume without redoing finished runs, tables."""
+
+import csv
+import os
+
+import pytest
+
+from noisy_keras import experiments
+from noisy_keras import train as train_lib
+
+BASE = """# a tiny recipe for tests
+--dataset=digits
+--model=mlp
+--epochs=1
+--base_learning_rate=0.05
+--xla=false
+"""
+
+
+@pytest.fixture()
+def flagfile(tmp_path):
+    path = tmp_path / "tiny.flags"
+    path.write_text(BASE)
+    return str(path)
+
+
+def test_read_flagfile_and_config_from_strings(flagfile, tmp_path):
+    values = experiments.read_flagfile(flagfile)
+    assert values == {
+        "dataset": "digits",
+        "model": "mlp",
+        "epochs": "1",
+        "base_learning_rate": "0.05",
+        "xla": "false",
+    }
+    config = experiments.config_from_strings({**values, "lr_decay_epochs": "3,4", "augment": "0"})
+    assert (config.epochs, config.base_learning_rate, config.lr_decay_epochs) == (1, 0.05, (3, 4))
+    with pytest.raises(ValueError, match=r"Unknown flag --batchsize; valid: .*batch_size"):
+        experiments.config_from_strings({"batchsize": "3"})
+    with pytest.raises(ValueError, match=r"--epochs='ten' is not a valid int"):
+        experiments.config_from_strings({"epochs": "ten"})
+    bad = tmp_path / "bad.flags"
+    bad.write_text("--model=mlp\nbatch_size 3\n")
+    with pytest.raises(ValueError, match=r"bad.flags:2: expected '--name=value'"):
+        experiments.read_flagfile(str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.flags"):
+        experiments.read_flagfile(str(tmp_path / "missing.flags"))
+
+
+def test_grid_runs_every_cell_and_seed_then_resumes_without_redoing(
+    flagfile, tmp_path, monkeypatch
+):
+    out = str(tmp_path / "grid")
+    grid = dict(out=out, flagfiles=[flagfile], batch_sizes=[128, 256], alphas=[0.0], seeds=[0, 1])
+
+    # Interrupted grid: the third job fails, the first two are done.
+    calls = []
+    real_train = train_lib.train
+
+    def flaky_train(config, workdir=None, **kwargs):
+        calls.append((config.batch_size, config.seed))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train(config, workdir, **kwargs)
+
+    monkeypatch.setattr(train_lib, "train", flaky_train)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_grid(**grid, log=lambda _: None)
+    assert calls == [(128, 0), (128, 1), (256, 0)]
+
+    calls.clear()
+    rows = experiments.run_grid(**grid, log=lambda _: None)
+    assert calls == [(256, 0), (256, 1)]  # finished runs are not redone
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    for r in rows:
+        assert r["gap"] == pytest.approx(r["train_accuracy"] - r["val_accuracy"])
+        assert r["sharpness"] > 0  # top Hessian eigenvalue at a trained point
+
+    with open(os.path.join(out, "table.csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(int(t["batch_size"]), int(t["n"])) for t in table] == [(128, 2), (256, 2)]
+    by_batch = {}
+    for r in rows:
+        by_batch.setdefault(r["batch_size"], []).append(r["val_accuracy"])
+    for t in table:
+        values = by_batch[int(t["batch_size"])]
+        assert float(t["val_accuracy_mean"]) == pytest.approx(sum(values) / 2)
+    markdown = open(os.path.join(out, "table.md")).read()
+    assert markdown.count("\n") == 4 and "| tiny | 128 | 0 | 2 |" in markdown
+    for name in ("gap_tiny.png", "val_tiny.png", "noise_tiny_b256.png", "results.csv"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+
+    calls.clear()
+    experiments.run_grid(**grid, log=lambda _: None)
+    assert calls == []
+
+
+def test_shard_splits_jobs_without_overlap(flagfile, tmp_path):
+    with pytest.raises(ValueError, match="shard must be"):
+        experiments.run_grid(
+            out=str(tmp_path),
+            flagfiles=[flagfile],
+            batch_sizes=[128],
+            alphas=[0.0],
+            seeds=[0],
+            shard=(2, 2),
+        )
+    with pytest.raises(ValueError, match=r"--shard must look like 'i/n'"):
+        experiments._parse_shard("1-2")
+    assert experiments._parse_shard("1/3") == (1, 3)
