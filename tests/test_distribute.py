@@ -1,0 +1,53 @@
+"""Strategies from a short name (two logical CPU devices stand in for two GPUs)."""
+
+import pytest
+import tensorflow as tf
+
+from noisy_keras import distribute
+
+
+def test_default_is_one_replica():
+    strategy = distribute.make_strategy("default")
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.is_chief(strategy)
+    assert distribute.worker_index(strategy) == 0
+
+
+@pytest.mark.parametrize("num_devices, expected", [(None, 2), (1, 1), (2, 2)])
+def test_mirrored_uses_logical_cpus_without_gpus(num_devices, expected):
+    strategy = distribute.make_strategy("mirrored", num_devices)
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.num_replicas_in_sync == expected
+    devices = strategy.extended.worker_devices
+    assert [tf.DeviceSpec.from_string(d).device_type for d in devices] == ["CPU"] * expected
+    assert len(set(devices)) == expected
+
+
+@pytest.mark.parametrize(
+    "name, num_devices, match",
+    [
+        (
+            "mirorred",
+            None,
+            r"name must be one of \('default', 'mirrored', 'multiworker'\); "
+            r"received 'mirorred'",
+        ),
+        ("default", 2, r"num_devices must be None or 1 for name='default'; received 2"),
+        ("mirrored", 0, r"num_devices must be None or a positive integer; received 0"),
+        ("mirrored", 2.0, r"received 2\.0"),
+    ],
+)
+def test_bad_arguments_name_argument_value_and_allowed(name, num_devices, match):
+    with pytest.raises(ValueError, match=match):
+        distribute.make_strategy(name, num_devices)
+
+
+def test_mirrored_more_cpus_than_configured_after_initialisation():
+    with pytest.raises(RuntimeError, match=r"already initialised with 2 logical CPU"):
+        distribute.make_strategy("mirrored", 3)
+
+
+def test_multiworker_needs_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match=r"name='multiworker' needs the TF_CONFIG"):
+        distribute.make_strategy("multiworker")
