@@ -113,10 +113,11 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     _check_int("num_examples", num_examples, 1)
     _check_int("seed", seed, 0)
     _check_int("epoch", epoch, 0)
-    return _epoch_order(num_examples, seed, epoch).numpy()
+    return epoch_order(num_examples, seed, epoch).numpy()
 
 
-def _epoch_order(num_examples: int, seed, epoch):
+def epoch_order(num_examples: int, seed, epoch) -> tf.Tensor:
+    """`epoch_permutation` as a tensor op; `seed` and `epoch` may be tensors (inside tf.data)."""
     key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
     return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64), key)
 
@@ -236,7 +237,7 @@ class ClassificationData:
         flip = self.horizontal_flip
 
         def epoch_batches(epoch):
-            order = _epoch_order(num_train, seed_tensor, epoch)
+            order = epoch_order(num_train, seed_tensor, epoch)
             batches = (
                 tf.data.Dataset.from_tensor_slices(order)
                 .batch(batch_size, drop_remainder=True)

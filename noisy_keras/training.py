@@ -32,7 +32,7 @@ from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from noisy_keras import checkpointing, distribute
+from noisy_keras import checkpointing, data, distribute
 
 __all__ = [
     "BatchSplit",
@@ -623,8 +623,7 @@ def epoch_batches(arrays, *, batch_size: int, seed: int, drop_remainder: bool = 
     n = int(tf.nest.flatten(arrays)[0].shape[0])
 
     def make_epoch(epoch):
-        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=key)
+        order = data.epoch_order(n, seed, epoch)
         return (
             tf.data.Dataset.from_tensor_slices(order)
             .batch(batch_size, drop_remainder=drop_remainder)
