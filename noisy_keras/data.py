@@ -176,25 +176,26 @@ class ClassificationData:
                 f"{self.name!r}; received batch_size={batch_size}."
             )
 
-    def train_batches(
+    def train_epochs(
         self,
         batch_size: int,
         seed: int,
-        first_epoch: int = 0,
         augment: bool = False,
         batches_per_epoch: int | None = None,
-    ) -> tf.data.Dataset:
-        """An endless stream of training batches, epoch after epoch.
+    ):
+        """A function `epoch -> tf.data.Dataset` of that epoch's training batches.
 
         Epoch e visits the training examples in the order
         `epoch_permutation(num_train, seed, e)`, cut into ``num_train //
         batch_size`` full batches (the last ``num_train % batch_size`` examples
         of that order are left out of that epoch, a different few each epoch):
         static shapes for XLA and a fixed batch size for the gradient noise.
-        The stream starts at `first_epoch`, so a run resumed there sees exactly
-        the batches an uninterrupted run saw. `batches_per_epoch` keeps only the
-        first that many batches of each epoch (e.g. with gradient accumulation:
-        updates per epoch x accumulation steps, at the micro-batch size).
+        Nothing depends on earlier epochs, so a run resumed at epoch e sees
+        exactly the batches an uninterrupted run saw; this is the form
+        `noisy_keras.training.fit` takes as `train_data`. `batches_per_epoch`
+        keeps only the first that many batches of each epoch (e.g. with
+        gradient accumulation: updates per epoch x accumulation steps, at the
+        micro-batch size).
 
         With `augment`, each image is translated by a random crop of the image
         padded with zeros by ``max(1, round(side / 8))`` pixels (4 for 32x32)
@@ -204,18 +205,17 @@ class ClassificationData:
         Args:
             batch_size: global batch size, 1 <= batch_size <= num_train.
             seed: integer >= 0.
-            first_epoch: index of the first epoch to yield, >= 0.
             augment: whether to apply the light image augmentation.
             batches_per_epoch: batches per epoch, 1 <= batches_per_epoch <=
                 num_train // batch_size; None: num_train // batch_size.
 
         Returns:
-            A `tf.data.Dataset` of (x float32 (batch_size, *input_shape),
-            y int32 (batch_size,)), prefetched.
+            A function of the epoch index (a Python int or a scalar integer
+            tensor, e.g. inside `tf.data`) returning a `tf.data.Dataset` of
+            (x float32 (batch_size, *input_shape), y int32 (batch_size,)).
         """
         self._check_batch_size(batch_size, self.num_train)
         _check_int("seed", seed, 0)
-        _check_int("first_epoch", first_epoch, 0)
         full_batches = self.num_train // batch_size
         if batches_per_epoch is None:
             batches_per_epoch = full_batches
@@ -236,15 +236,6 @@ class ClassificationData:
         seed_tensor = tf.constant(seed, tf.int64)
         flip = self.horizontal_flip
 
-        def epoch_batches(epoch):
-            order = epoch_order(num_train, seed_tensor, epoch)
-            batches = (
-                tf.data.Dataset.from_tensor_slices(order)
-                .batch(batch_size, drop_remainder=True)
-                .take(batches_per_epoch)
-            )
-            return batches.enumerate().map(lambda index, ids: (epoch, index, ids))
-
         def load(epoch, batch_index, ids):
             x = _normalize(tf.gather(x_all, ids))
             if augment:
@@ -257,8 +248,46 @@ class ClassificationData:
                 x = _augment_images(x, key, flip)
             return x, tf.gather(y_all, ids)
 
-        dataset = tf.data.Dataset.counter(start=first_epoch).flat_map(epoch_batches)
-        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        def make_epoch(epoch):
+            epoch = tf.cast(epoch, tf.int64)
+            order = epoch_order(num_train, seed_tensor, epoch)
+            batches = (
+                tf.data.Dataset.from_tensor_slices(order)
+                .batch(batch_size, drop_remainder=True)
+                .take(batches_per_epoch)
+            )
+            return batches.enumerate().map(
+                lambda index, ids: load(epoch, index, ids),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+
+        return make_epoch
+
+    def train_batches(
+        self,
+        batch_size: int,
+        seed: int,
+        first_epoch: int = 0,
+        augment: bool = False,
+        batches_per_epoch: int | None = None,
+    ) -> tf.data.Dataset:
+        """An endless stream of training batches, epoch after epoch from `first_epoch`.
+
+        The batches of `train_epochs` (see there for order, batching and
+        augmentation), concatenated; starting at `first_epoch` gives exactly
+        what an uninterrupted run saw from there on.
+
+        Args:
+            batch_size, seed, augment, batches_per_epoch: as in `train_epochs`.
+            first_epoch: index of the first epoch to yield, >= 0.
+
+        Returns:
+            A prefetched `tf.data.Dataset` of (x, y) batches.
+        """
+        _check_int("first_epoch", first_epoch, 0)
+        make_epoch = self.train_epochs(batch_size, seed, augment, batches_per_epoch)
+        dataset = tf.data.Dataset.counter(start=first_epoch).flat_map(make_epoch)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:

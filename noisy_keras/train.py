@@ -473,7 +473,7 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
     ]
     result = training.fit(
         build,
-        dataset.train_batches(
+        dataset.train_epochs(
             split.step_batch_size,
             config.seed,
             augment=config.augment,

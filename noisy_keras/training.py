@@ -762,9 +762,9 @@ def fit(
 
     Exact resume needs the epoch-e batches to be a function of e: pass
     `train_data` as a function `epoch -> tf.data.Dataset` (e.g.
-    `epoch_batches(...)`), or a deterministic `tf.data.Dataset`, which is
-    repeated and fast-forwarded by `initial_epoch * steps_per_epoch` batches
-    on resume. For bit-identical results also call
+    `epoch_batches(...)` or `noisy_keras.data.ClassificationData.train_epochs`),
+    or a deterministic `tf.data.Dataset`, which is repeated and fast-forwarded
+    by `initial_epoch * steps_per_epoch` batches on resume. For bit-identical results also call
     `tf.config.experimental.enable_op_determinism()` and seed the model
     (`keras.utils.set_random_seed`) before building it.
 

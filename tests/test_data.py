@@ -70,6 +70,17 @@ def test_train_batches_follow_the_epoch_permutation(digits):
     assert not np.array_equal(first, data.epoch_permutation(100, 8, 0))
 
 
+def test_train_epochs_gives_one_epoch_of_the_stream_for_int_or_tensor_epochs(digits):
+    make_epoch = digits.train_epochs(400, seed=7)
+    from_stream = _batches(digits.train_batches(400, seed=7, first_epoch=2), 3)
+    for epoch in (2, tf.constant(2, tf.int64)):
+        one_epoch = list(make_epoch(epoch).as_numpy_iterator())
+        assert len(one_epoch) == 3
+        for (x, y), (sx, sy) in zip(one_epoch, from_stream, strict=True):
+            np.testing.assert_array_equal(x, sx)
+            np.testing.assert_array_equal(y, sy)
+
+
 def test_batches_per_epoch_keeps_the_first_batches_of_each_epoch(digits):
     batches = _batches(digits.train_batches(100, seed=2, batches_per_epoch=2), 4)
     for step, (_, y) in enumerate(batches):
