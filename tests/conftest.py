@@ -17,11 +17,19 @@ distribute.configure_logical_cpus(2)
 
 
 @pytest.fixture(autouse=True)
-def _clear_keras_session():
-    """Each test starts with fresh Keras names and the default float policy."""
+def _isolate_global_state():
+    """Each test starts with fresh Keras names, the default float policy and op determinism off.
+
+    `noisy_keras.train` turns TensorFlow's op determinism on for the process (as a
+    run should); Keras then silently disables `jit_compile`, which would change what
+    later tests exercise, so it is switched off again after every test.
+    """
     import keras
+    from tensorflow.python.framework import config as tf_config
 
     keras.config.set_dtype_policy("float32")
     keras.utils.clear_session()
     yield
     keras.config.set_dtype_policy("float32")
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()

@@ -197,6 +197,7 @@ def test_fit_with_jit_compile_traces_train_function_once():
 
     optimizer.apply = counting_apply
     model.compile(optimizer=optimizer, loss="mse", jit_compile=True)
+    assert model.jit_compile is True  # Keras turns XLA off silently in some states
     model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
     assert int(optimizer.iterations) == 12
     assert len(traced) == 1

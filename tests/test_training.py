@@ -154,6 +154,7 @@ def test_keras_own_jit_compile_under_mirrored_strategy():
     with strategy.scope():
         model = _model()
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, jit_compile=True)
+    assert model.jit_compile is True  # else Keras fell back to no XLA and nothing is shown
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
