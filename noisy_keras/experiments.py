@@ -32,6 +32,7 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from noisy_keras import train as train_lib
 
@@ -399,6 +400,9 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        # TensorFlow logs a line per checkpoint shard at INFO; keep the console readable.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         overrides = {}
         for item in FLAGS.set:

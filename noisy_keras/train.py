@@ -36,6 +36,7 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
 STRATEGY_NAMES = ("default", "mirrored", "multiworker")
@@ -536,6 +537,9 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        # TensorFlow logs a line per checkpoint shard at INFO; keep the console readable.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         config = config_from_flags(FLAGS)
         summary = train(config, FLAGS.workdir or None, overwrite=FLAGS.overwrite)
