@@ -93,7 +93,9 @@ def make_strategy(name: str = "default", num_devices: int | None = None):
             )
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
+        # Physical, not logical: listing logical devices would initialise TensorFlow's
+        # devices before the CPU could be split below.
+        gpus = tf.config.list_physical_devices("GPU") and tf.config.list_logical_devices("GPU")
         if gpus:
             count = len(gpus) if num_devices is None else num_devices
             if count > len(gpus):
@@ -105,10 +107,20 @@ def make_strategy(name: str = "default", num_devices: int | None = None):
                 devices=[d.name for d in gpus[:count]],
                 cross_device_ops=tf.distribute.NcclAllReduce() if count > 1 else None,
             )
-        cpus = tf.config.list_logical_devices("CPU")
+        if num_devices is None:
+            cpus = tf.config.list_logical_devices("CPU")
+        else:
+            try:
+                cpus = configure_logical_cpus(num_devices)
+            except RuntimeError:  # already initialised with another count: use what is there
+                cpus = tf.config.list_logical_devices("CPU")
         count = len(cpus) if num_devices is None else num_devices
         if count > len(cpus):
-            cpus = configure_logical_cpus(count)
+            raise ValueError(
+                f"num_devices={count} for name='mirrored' but TensorFlow already runs with "
+                f"{len(cpus)} logical CPU device(s) and no GPU; allowed: 1..{len(cpus)}, or call "
+                f"make_strategy('mirrored', {count}) before the first TensorFlow op."
+            )
         return tf.distribute.MirroredStrategy(
             devices=[d.name for d in cpus[:count]],
             cross_device_ops=tf.distribute.ReductionToOneDevice(),

@@ -1,6 +1,6 @@
 r"""The main job: one training run from absl flags, written to a work directory.
 
-    python -m noisy_keras.train                      # digits, small CNN, B=256, noise on
+    python -m noisy_keras.train                      # digits, small CNN, B=128, noise on
     python -m noisy_keras.train --flagfile=flags/digits_b512_noise.flags
     noisy-keras-train --dataset=mnist1d --model=cnn1d --batch_size=1024 --noise_alpha=0
 
@@ -57,9 +57,9 @@ class TrainConfig:
     optimizer: str = "momentum"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    batch_size: int = 256
+    batch_size: int = 128
     base_batch_size: int = 32
-    base_learning_rate: float = 0.01
+    base_learning_rate: float = 0.005
     lr_scaling: str = "linear"
     warmup_epochs: float = 0.0
     lr_decay_factor: float = 0.9
@@ -67,7 +67,7 @@ class TrainConfig:
     lr_decay_every: int = 10
     noise_alpha: float = 1e-5
     noise_gamma: float = 0.55
-    epochs: int = 60
+    epochs: int = 40
     seed: int = 0
     strategy: str = "default"
     num_devices: int = 0

@@ -1,5 +1,9 @@
 """Strategies from a short name (two logical CPU devices stand in for two GPUs)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import tensorflow as tf
 
@@ -43,8 +47,22 @@ def test_bad_arguments_name_argument_value_and_allowed(name, num_devices, match)
 
 
 def test_mirrored_more_cpus_than_configured_after_initialisation():
-    with pytest.raises(RuntimeError, match=r"already initialised with 2 logical CPU"):
+    with pytest.raises(ValueError, match=r"num_devices=3 .* already runs with 2 logical CPU"):
         distribute.make_strategy("mirrored", 3)
+
+
+def test_mirrored_splits_the_cpu_in_a_fresh_process():
+    # Nothing initialises TensorFlow's devices before make_strategy does the split.
+    code = (
+        "from noisy_keras.distribute import make_strategy; "
+        "print(make_strategy('mirrored', 3).num_replicas_in_sync)"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "3"
 
 
 def test_multiworker_needs_tf_config(monkeypatch):

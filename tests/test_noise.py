@@ -92,3 +92,15 @@ def test_unit_noise_is_standard_normal():
 def test_bad_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         noise.validate_noise_parameters(**kwargs)
+
+
+@pytest.mark.parametrize("num, seed, step", [(1, 0, 0), (7, 5, 3), (1001, 2**31 - 1, 2**33 + 5)])
+def test_philox_words_are_the_same_in_and_out_of_xla_bit_for_bit(num, seed, step):
+    kernel = noise._philox_words(num, seed, tf.constant(step, tf.int64)).numpy()
+    loop = noise._philox_words_loop(num, seed, tf.constant(step, tf.int64)).numpy()
+    compiled = tf.function(lambda s: noise._philox_words(num, seed, s), jit_compile=True)(
+        tf.constant(step, tf.int64)
+    ).numpy()
+    assert kernel.dtype == np.uint32 and kernel.shape == (num,)
+    np.testing.assert_array_equal(loop, kernel)
+    np.testing.assert_array_equal(compiled, kernel)

@@ -55,7 +55,7 @@ def test_flags_build_a_frozen_config(flag_values):
         ({"optimizer": "sgdw"}, r"Unknown optimizer='sgdw'; valid: sgd, momentum"),
         ({"dataset": "cifar10"}, r"Unknown dataset='cifar10'; valid: digits, mnist1d, tfds:NAME"),
         ({"batch_size": 100, "accumulation_steps": 3}, r"batch_size=100 is not divisible by"),
-        ({"ghost_batch_size": 512}, r"ghost_batch_size=512 exceeds batch_size=256"),
+        ({"ghost_batch_size": 512}, r"ghost_batch_size=512 exceeds batch_size=128"),
     ],
 )
 def test_bad_config_is_named(changes, message):

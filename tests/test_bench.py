@@ -1,0 +1,149 @@
+"""The benchmark runs end to end and reports consistent numbers (no timing thresholds)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from noisy_keras import bench
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Runs `python -m noisy_keras.bench --quick` once, in a fresh process."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, "-m", "noisy_keras.bench", "--quick", f"--out={out}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(out.read_text()), completed.stdout
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_has_every_part_and_prints_tables(quick_results):
+    results, stdout = quick_results
+    assert set(bench.PART_NAMES) <= set(results)
+    assert results["meta"]["quick"] is True
+    assert set(results["meta"]["part_seconds"]) == set(bench.PART_NAMES)
+    for heading in ("Noise overhead", "Engine throughput", "validation accuracy", "memory"):
+        assert heading in stdout
+
+
+def test_noise_ratios_are_ratios_of_the_reported_medians(quick_results):
+    noise = quick_results[0]["noise"]
+    assert {(c["xla"], c["optimizer"]) for c in noise["cases"]} == {
+        (False, "momentum"),
+        (True, "momentum"),
+    }
+    for case in noise["cases"]:
+        assert _positive(case["bare_ms"]) and _positive(case["noisy_ms"])
+        assert case["ratio"] == pytest.approx(case["noisy_ms"] / case["bare_ms"], rel=1e-12)
+        assert case["overhead_pct"] == pytest.approx(100 * (case["ratio"] - 1), rel=1e-9, abs=1e-9)
+        expected_ns = (case["noisy_ms"] - case["bare_ms"]) * 1e6 / case["params"]
+        assert case["overhead_ns_per_param"] == pytest.approx(expected_ns, rel=1e-9, abs=1e-9)
+        assert case["overhead_vs_floor"] == pytest.approx(
+            case["overhead_ns_per_param"] / case["floor_philox_ns_per_param"], rel=1e-12
+        )
+    assert {f["xla"] for f in noise["floors"]} == {False, True}
+    for floor in noise["floors"]:
+        for name in ("unit_noise", "philox", "auto_select", "elementwise"):
+            assert _positive(floor[f"{name}_ns_per_param"])
+        assert floor["unit_noise_vs_philox"] == pytest.approx(
+            floor["unit_noise_ns_per_param"] / floor["philox_ns_per_param"], rel=1e-12
+        )
+
+
+def test_engine_reports_three_paths_with_consistent_throughput(quick_results):
+    (case,) = quick_results[0]["engine"]["cases"]
+    rows = {row["config"]: row for row in case["configs"]}
+    assert {"engine_mirrored_xla", "keras_mirrored", "keras_single_xla"} <= set(rows)
+    assert rows["engine_mirrored_xla"]["replicas"] == bench.ENGINE_DEVICES
+    assert rows["keras_mirrored"]["replicas"] == bench.ENGINE_DEVICES
+    assert rows["keras_single_xla"]["replicas"] == 1
+    for row in rows.values():
+        assert _positive(row["step_ms"]) and row["steps_timed"] >= 1
+        assert row["examples_per_s"] == pytest.approx(
+            case["global_batch_size"] / (row["step_ms"] / 1e3), rel=1e-9
+        )
+    for other in ("keras_mirrored", "keras_single_xla"):
+        assert case[f"engine_vs_{other}"] == pytest.approx(
+            rows["engine_mirrored_xla"]["examples_per_s"] / rows[other]["examples_per_s"],
+            rel=1e-12,
+        )
+
+
+def test_time_to_accuracy_reports_each_configuration(quick_results):
+    (task,) = quick_results[0]["time_to_accuracy"]["tasks"]
+    large = task["task"]["large_batch_size"]
+    assert [s["config"] for s in task["summary"]] == ["B=32", f"B={large}", f"B={large}+noise"]
+    assert len(task["runs"]) == 3
+    for run in task["runs"]:
+        assert run["status"] == "done"
+        if run["reached"]:
+            assert _positive(run["time_to_target_s"]) and run["steps_to_target"] >= 1
+            assert run["time_to_target_s"] <= run["run_time_s"]
+        else:
+            assert run["time_to_target_s"] is None and run["steps_to_target"] is None
+    # The smoke target (15%) is one a single epoch of B=32 reaches.
+    assert task["runs"][0]["config"] == "B=32" and task["runs"][0]["reached"]
+
+
+def test_memory_ratio_is_noisy_over_bare(quick_results):
+    (case,) = quick_results[0]["memory"]["cases"]
+    assert _positive(case["bare_mb"]) and _positive(case["noisy_mb"])
+    assert case["ratio"] == pytest.approx(case["noisy_mb"] / case["bare_mb"], rel=1e-12)
+    assert case["delta_mb"] == pytest.approx(case["noisy_mb"] - case["bare_mb"], abs=1e-9)
+
+
+def test_interleaved_step_times_alternates_order_and_counts_calls():
+    calls = []
+    times = bench.interleaved_step_times(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        rounds=3,
+        steps_per_round=2,
+        warmup=1,
+    )
+    assert calls == ["a", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 6, "b": 6}
+    assert all(t >= 0 for t in times["a"] + times["b"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"rounds": 0, "steps_per_round": 1}, "rounds"),
+        ({"rounds": 1, "steps_per_round": 0}, "steps_per_round"),
+        ({"rounds": 1, "steps_per_round": 1, "warmup": -1}, "warmup"),
+    ],
+)
+def test_interleaved_step_times_rejects_bad_counts(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        bench.interleaved_step_times({"a": lambda: None}, **kwargs)
+
+
+def test_unknown_parts_are_named():
+    with pytest.raises(ValueError, match="parts must be .*noise.*received \\['gpu'\\]"):
+        bench.run_benchmarks(parts=["gpu"])
+
+
+def test_bad_flag_value_is_rejected_by_the_command_line(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "noisy_keras.bench", "--parts=noise,gpu"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert completed.returncode != 0
+    assert "--parts must be a comma-separated list" in completed.stderr
