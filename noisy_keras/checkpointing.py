@@ -28,13 +28,20 @@ import tensorflow as tf
 
 from noisy_keras import distribute
 
-__all__ = ["Checkpointer", "DivergenceGuard", "EpochCheckpoint", "read_status", "write_status"]
+__all__ = [
+    "Checkpointer",
+    "DivergenceGuard",
+    "EpochCheckpoint",
+    "atomic_write_text",
+    "read_status",
+    "write_status",
+]
 
 STATUS_FILE = "status.json"
 STATUSES = ("running", "done", "diverged")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
     """Writes `text` to `path` so that readers see the old or the new file, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -64,7 +71,7 @@ def write_status(workdir: str, status: str, **details) -> None:
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}; received {status!r}.")
-    _atomic_write_text(
+    atomic_write_text(
         os.path.join(workdir, STATUS_FILE), json.dumps({"status": status, **details}, indent=1)
     )
 

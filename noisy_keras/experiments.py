@@ -32,8 +32,8 @@ import sys
 import time
 
 from absl import app, flags
-from absl import logging as absl_logging
 
+from noisy_keras import checkpointing
 from noisy_keras import train as train_lib
 
 SHARPNESS_EXAMPLES = 512
@@ -55,59 +55,6 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.base_name}-b{self.batch_size}-a{self.alpha:g}"
-
-
-def read_flagfile(path: str) -> dict:
-    """The `--name=value` lines of an absl flagfile (comments and blank lines skipped).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is neither a comment nor `--name=value`.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"flagfile {path!r} does not exist.")
-    values = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if not line.startswith("--") or "=" not in line:
-                raise ValueError(f"{path}:{number}: expected '--name=value', received {line!r}.")
-            key, value = line[2:].split("=", 1)
-            values[key] = value
-    return values
-
-
-def config_from_strings(values: dict) -> train_lib.TrainConfig:
-    """A validated `TrainConfig` from `{field: string}` (flagfile values).
-
-    Raises:
-        ValueError: an unknown field, or a value of the wrong type, naming both.
-    """
-    fields = {f.name: f for f in dataclasses.fields(train_lib.TrainConfig)}
-    defaults = train_lib.TrainConfig()
-    converted = {}
-    for key, text in values.items():
-        if key not in fields:
-            raise ValueError(f"Unknown flag --{key}; valid: {', '.join(sorted(fields))}.")
-        default = getattr(defaults, key)
-        try:
-            if isinstance(default, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                converted[key] = text.lower() in ("true", "1")
-            elif isinstance(default, tuple):
-                converted[key] = tuple(int(s) for s in text.split(",") if s.strip())
-            elif isinstance(default, int):
-                converted[key] = int(text)
-            elif isinstance(default, float):
-                converted[key] = float(text)
-            else:
-                converted[key] = text
-        except ValueError:
-            raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}.") from None
-    return train_lib.validate_config(train_lib.TrainConfig(**converted))
 
 
 def grid_cells(flagfiles, batch_sizes, alphas) -> list[Cell]:
@@ -159,11 +106,11 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
-    values = read_flagfile(cell.flagfile)
+    values = train_lib.read_flagfile(cell.flagfile)
     values.update(overrides)
     values.update(batch_size=str(cell.batch_size), noise_alpha=repr(cell.alpha), seed=str(seed))
     values.setdefault("verbose", "0")
-    config = config_from_strings(values)
+    config = train_lib.config_from_strings(values)
     workdir = run_dir(out, cell, seed)
     summary = _load_json(os.path.join(workdir, "summary.json"))
     if summary is None or summary.get("status") != "done":
@@ -172,7 +119,7 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
     if summary["status"] == "done" and "sharpness" not in summary:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
-        train_lib._atomic_write(
+        checkpointing.atomic_write_text(
             os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n"
         )
     return {
@@ -400,9 +347,7 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        # TensorFlow logs a line per checkpoint shard at INFO; keep the console readable.
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    train_lib.quiet_info_logs(FLAGS)
     try:
         overrides = {}
         for item in FLAGS.set:
@@ -415,7 +360,7 @@ def main(argv) -> int:
         if FLAGS.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
         for path in FLAGS.flagfiles:
-            read_flagfile(path)
+            train_lib.read_flagfile(path)
         rows = run_grid(
             out=FLAGS.out,
             flagfiles=FLAGS.flagfiles,

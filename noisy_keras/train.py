@@ -38,6 +38,8 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
+from noisy_keras import checkpointing
+
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
 STRATEGY_NAMES = ("default", "mirrored", "multiworker")
 XLA_CHOICES = ("auto", "true", "false")
@@ -81,9 +83,9 @@ class TrainConfig:
     data_dir: str = ""
     verbose: int = 1
 
-    def to_flagfile(self) -> str:
-        """The config as absl flag lines, one per field."""
-        lines = []
+    def flag_strings(self) -> dict:
+        """The config as `{flag name: value as written in a flagfile}`, one per field."""
+        strings = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, bool):
@@ -92,8 +94,12 @@ class TrainConfig:
                 value = ",".join(str(v) for v in value)
             elif isinstance(value, float):
                 value = repr(value)
-            lines.append(f"--{field.name}={value}")
-        return "\n".join(lines) + "\n"
+            strings[field.name] = str(value)
+        return strings
+
+    def to_flagfile(self) -> str:
+        """The config as absl flag lines, one per field."""
+        return "".join(f"--{name}={value}\n" for name, value in self.flag_strings().items())
 
     def default_workdir(self) -> str:
         return os.path.join(
@@ -225,15 +231,57 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def _read_flagfile(path: str) -> dict:
+def read_flagfile(path: str) -> dict:
+    """The `--name=value` lines of an absl flagfile (comments and blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is neither a comment nor `--name=value`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"flagfile {path!r} does not exist.")
     values = {}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
-            if line.startswith("--") and "=" in line:
-                key, value = line[2:].split("=", 1)
-                values[key] = value
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith("--") or "=" not in line:
+                raise ValueError(f"{path}:{number}: expected '--name=value', received {line!r}.")
+            key, value = line[2:].split("=", 1)
+            values[key] = value
     return values
+
+
+def config_from_strings(values: dict) -> TrainConfig:
+    """A validated `TrainConfig` from `{field: string}` (flagfile values).
+
+    Raises:
+        ValueError: an unknown field, or a value of the wrong type, naming both.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    converted = {}
+    for key, text in values.items():
+        if key not in fields:
+            raise ValueError(f"Unknown flag --{key}; valid: {', '.join(sorted(fields))}.")
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                converted[key] = text.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                converted[key] = tuple(int(s) for s in text.split(",") if s.strip())
+            elif isinstance(default, int):
+                converted[key] = int(text)
+            elif isinstance(default, float):
+                converted[key] = float(text)
+            else:
+                converted[key] = text
+        except ValueError:
+            raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}.") from None
+    return validate_config(TrainConfig(**converted))
 
 
 def prepare_workdir(workdir: str, config: TrainConfig, overwrite: bool = False) -> None:
@@ -255,8 +303,8 @@ def prepare_workdir(workdir: str, config: TrainConfig, overwrite: bool = False) 
                 "of noisy_keras.train; choose another --workdir (nothing was deleted)."
             )
         else:
-            saved = _read_flagfile(flagfile)
-            wanted = _read_flagfile_text(config.to_flagfile())
+            saved = read_flagfile(flagfile)
+            wanted = config.flag_strings()
             differences = [
                 f"{key}: saved {saved.get(key)!r}, now {wanted[key]!r}"
                 for key in wanted
@@ -270,22 +318,7 @@ def prepare_workdir(workdir: str, config: TrainConfig, overwrite: bool = False) 
                     "start afresh (nothing was deleted)."
                 )
     os.makedirs(workdir, exist_ok=True)
-    _atomic_write(flagfile, config.to_flagfile() + f"--workdir={workdir}\n")
-
-
-def _read_flagfile_text(text: str) -> dict:
-    return {
-        line[2:].split("=", 1)[0]: line[2:].split("=", 1)[1]
-        for line in text.splitlines()
-        if line.startswith("--") and "=" in line
-    }
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    checkpointing.atomic_write_text(flagfile, config.to_flagfile() + f"--workdir={workdir}\n")
 
 
 def _make_optimizer(config: TrainConfig, learning_rate):
@@ -516,7 +549,9 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
             {f"B={config.batch_size}": read_metrics(metrics_path)},
             os.path.join(workdir, "accuracy.png"),
         )
-    _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    checkpointing.atomic_write_text(
+        os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n"
+    )
     return summary
 
 
@@ -533,13 +568,17 @@ def summary_line(summary: dict) -> str:
     )
 
 
+def quiet_info_logs(flag_values) -> None:
+    """absl INFO off unless --verbosity was given: TensorFlow logs a line per checkpoint shard."""
+    if not flag_values["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        # TensorFlow logs a line per checkpoint shard at INFO; keep the console readable.
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    quiet_info_logs(FLAGS)
     try:
         config = config_from_flags(FLAGS)
         summary = train(config, FLAGS.workdir or None, overwrite=FLAGS.overwrite)

@@ -25,7 +25,7 @@ def flagfile(tmp_path):
 
 
 def test_read_flagfile_and_config_from_strings(flagfile, tmp_path):
-    values = experiments.read_flagfile(flagfile)
+    values = train_lib.read_flagfile(flagfile)
     assert values == {
         "dataset": "digits",
         "model": "mlp",
@@ -33,18 +33,18 @@ def test_read_flagfile_and_config_from_strings(flagfile, tmp_path):
         "base_learning_rate": "0.05",
         "xla": "false",
     }
-    config = experiments.config_from_strings({**values, "lr_decay_epochs": "3,4", "augment": "0"})
+    config = train_lib.config_from_strings({**values, "lr_decay_epochs": "3,4", "augment": "0"})
     assert (config.epochs, config.base_learning_rate, config.lr_decay_epochs) == (1, 0.05, (3, 4))
     with pytest.raises(ValueError, match=r"Unknown flag --batchsize; valid: .*batch_size"):
-        experiments.config_from_strings({"batchsize": "3"})
+        train_lib.config_from_strings({"batchsize": "3"})
     with pytest.raises(ValueError, match=r"--epochs='ten' is not a valid int"):
-        experiments.config_from_strings({"epochs": "ten"})
+        train_lib.config_from_strings({"epochs": "ten"})
     bad = tmp_path / "bad.flags"
     bad.write_text("--model=mlp\nbatch_size 3\n")
     with pytest.raises(ValueError, match=r"bad.flags:2: expected '--name=value'"):
-        experiments.read_flagfile(str(bad))
+        train_lib.read_flagfile(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.flags"):
-        experiments.read_flagfile(str(tmp_path / "missing.flags"))
+        train_lib.read_flagfile(str(tmp_path / "missing.flags"))
 
 
 def test_grid_runs_every_cell_and_seed_then_resumes_without_redoing(
