@@ -197,3 +197,21 @@ def clone_model(model: keras.Model) -> keras.Model:
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
+
+
+def mean_loss_and_flat_gradient(model: keras.Model, variables, loss):
+    """A `tf.function` (x, y) -> (mean loss, its gradient w.r.t. `variables` as one flat vector).
+
+    Inference mode; variables the loss does not reach get zero gradients.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def value_and_gradient(x, y):
+        with tf.GradientTape() as tape:
+            value = mean_loss(loss, y, model(x, training=False))
+        gradients = tape.gradient(
+            value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return value, flatten_tensors(gradients)
+
+    return value_and_gradient

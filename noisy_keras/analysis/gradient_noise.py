@@ -366,14 +366,10 @@ def simple_noise_scale(
     loss = _common.resolve_loss(loss)
     variables = list(model.trainable_variables)
 
-    @tf.function(reduce_retracing=True)
+    value_and_gradient = _common.mean_loss_and_flat_gradient(model, variables, loss)
+
     def squared_gradient_norm(x_batch, y_batch):
-        with tf.GradientTape() as tape:
-            value = _common.mean_loss(loss, y_batch, model(x_batch, training=False))
-        gradients = tape.gradient(
-            value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        flat = _common.flatten_tensors(gradients)
+        _, flat = value_and_gradient(x_batch, y_batch)
         return tf.reduce_sum(flat * flat)
 
     rng = np.random.default_rng(seed)

@@ -42,7 +42,6 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import scipy.optimize
-import tensorflow as tf
 
 from noisy_keras.analysis import _common
 
@@ -191,14 +190,7 @@ def loss_and_gradient_function(model: keras.Model, data, *, loss=None, batch_siz
     if dim == 0:
         raise ValueError("model has no trainable weights.")
 
-    @tf.function(reduce_retracing=True)
-    def batch_value_and_gradient(x, y):
-        with tf.GradientTape() as tape:
-            value = _common.mean_loss(loss, y, clone(x, training=False))
-        gradients = tape.gradient(
-            value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        return tf.cast(value, tf.float64), _common.flatten_tensors(gradients)
+    batch_value_and_gradient = _common.mean_loss_and_flat_gradient(clone, variables, loss)
 
     def value_and_gradient(theta):
         theta = _common.check_vector(theta, dim, "theta")
