@@ -14,6 +14,11 @@ if _keras.backend.backend() != "tensorflow":
         f"{_keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow."
     )
 
+# Importing these modules also registers their Keras-serializable classes, so a
+# `model.keras` written by a run loads after a plain `import noisy_keras`.
+from noisy_keras.layers import GhostBatchNormalization
+from noisy_keras.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
+from noisy_keras.models import build_model
 from noisy_keras.noise import PAPER_ALPHA, PAPER_GAMMA, noise_stddev, noise_variance, unit_noise
 from noisy_keras.optimizer import NoisyOptimizer
 
@@ -22,8 +27,13 @@ __version__ = "0.1.0"
 __all__ = [
     "PAPER_ALPHA",
     "PAPER_GAMMA",
+    "GhostBatchNormalization",
     "NoisyOptimizer",
+    "WarmupStepDecay",
+    "build_model",
     "noise_stddev",
     "noise_variance",
+    "paper_schedule",
+    "scale_learning_rate",
     "unit_noise",
 ]

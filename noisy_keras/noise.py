@@ -225,7 +225,7 @@ def standard_normal(num: int, seed: int, step) -> tf.Tensor:
 
 
 @tf.autograph.experimental.do_not_convert
-def unit_noise(shapes: Sequence, seed: int, step, dtype=tf.float32) -> list:
+def unit_noise(shapes: Sequence, seed: int, step, dtype=tf.float32, scale=None) -> list:
     """Standard normal noise for a list of shapes, keyed on (seed, step) only.
 
     One draw of `standard_normal` covers all shapes at once (cheaper than one op
@@ -238,9 +238,12 @@ def unit_noise(shapes: Sequence, seed: int, step, dtype=tf.float32) -> list:
         seed: integer in [0, 2**31 - 1].
         step: t, a scalar integer (Python or tensor).
         dtype: dtype of the returned tensors.
+        scale: None, or a float32 scalar (e.g. sigma_t) that multiplies the whole
+            draw once before it is split, rather than once per variable.
 
     Returns:
-        A list of tensors, one per shape, with i.i.d. N(0, 1) entries.
+        A list of tensors, one per shape, with i.i.d. N(0, 1) entries (times
+        `scale` when given).
     """
     shapes = [tf.TensorShape(s) for s in shapes]
     for shape in shapes:
@@ -251,5 +254,7 @@ def unit_noise(shapes: Sequence, seed: int, step, dtype=tf.float32) -> list:
     if total == 0:
         return [tf.zeros(s, dtype) for s in shapes]
     flat = standard_normal(total, seed, step)
+    if scale is not None:
+        flat = flat * scale
     pieces = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
     return [tf.cast(tf.reshape(p, s), dtype) for p, s in zip(pieces, shapes)]

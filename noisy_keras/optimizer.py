@@ -219,13 +219,14 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
             if g is not None and not getattr(v, "overwrite_with_gradient", False)
         ]
         shapes = [trainable_variables[i].shape for i in targets]
-        unit = noise_lib.unit_noise(shapes, self.seed, step)
+        # One multiply by sigma_t over the whole draw, then one add per variable.
+        noise = noise_lib.unit_noise(shapes, self.seed, step, scale=scale)
         noisy = list(grads)
-        for i, z in zip(targets, unit):
+        for i, n in zip(targets, noise):
             g = grads[i]
             if isinstance(g, tf.IndexedSlices):
                 g = tf.convert_to_tensor(g)
-            noisy[i] = g + tf.cast(scale * z, g.dtype)
+            noisy[i] = g + tf.cast(n, g.dtype)
         return noisy
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):

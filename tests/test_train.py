@@ -126,6 +126,24 @@ def test_train_writes_every_output_and_resumes(tmp_path):
     assert summary["gap"] == pytest.approx(summary["train_accuracy"] - summary["val_accuracy"])
     assert summary["val_accuracy"] > 0.3  # ten classes: chance is 0.1
 
+    # The saved model (NoisyOptimizer, WarmupStepDecay inside) loads after a plain import.
+    code = (
+        "import sys, keras, noisy_keras; "
+        "m = keras.models.load_model(sys.argv[1]); "
+        "lr = m.optimizer.inner_optimizer.get_config()['learning_rate']; "
+        "print(type(m.optimizer).__name__, lr['class_name'])"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, os.path.join(workdir, "model.keras")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split()[-2:] == ["NoisyOptimizer", "WarmupStepDecay"]
+
     # The same run with more epochs resumes at epoch 2 and keeps the first rows.
     more = train_lib.train(train_lib.TrainConfig(**{**TINY, "epochs": 3}), workdir)
     assert more["status"] == "done"
