@@ -44,6 +44,8 @@ import random
 import numpy as np
 import tensorflow as tf
 
+from noisy_keras._validation import check_int
+
 DATASET_NAMES = ("digits", "mnist1d")
 DATASET_PREFIXES = ("tfds:", "folder:")
 DEFAULT_IMAGE_SIZE = 224
@@ -52,11 +54,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 NO_FLIP_TFDS_NAMES = ("mnist", "emnist", "kmnist", "binarized_mnist", "svhn_cropped")
 # Salt folded into the per-epoch key so augmentation draws differ from the order's.
 _AUGMENT_SALT = 0x5EED
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; received {name}={value!r}.")
 
 
 def stratified_split(
@@ -82,7 +79,7 @@ def stratified_split(
         raise ValueError(
             f"val_fraction must be a number in (0, 1); received val_fraction={val_fraction!r}."
         )
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     val_parts = []
@@ -110,9 +107,9 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     Returns:
         A permutation of range(num_examples), int64.
     """
-    _check_int("num_examples", num_examples, 1)
-    _check_int("seed", seed, 0)
-    _check_int("epoch", epoch, 0)
+    check_int("num_examples", num_examples, 1)
+    check_int("seed", seed, 0)
+    check_int("epoch", epoch, 0)
     return epoch_order(num_examples, seed, epoch).numpy()
 
 
@@ -169,7 +166,7 @@ class ClassificationData:
         return self.num_train // batch_size
 
     def _check_batch_size(self, batch_size: int, limit: int) -> None:
-        _check_int("batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         if batch_size > limit:
             raise ValueError(
                 f"batch_size must be at most the number of training examples ({limit}) of "
@@ -215,11 +212,11 @@ class ClassificationData:
             (x float32 (batch_size, *input_shape), y int32 (batch_size,)).
         """
         self._check_batch_size(batch_size, self.num_train)
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
         full_batches = self.num_train // batch_size
         if batches_per_epoch is None:
             batches_per_epoch = full_batches
-        _check_int("batches_per_epoch", batches_per_epoch, 1)
+        check_int("batches_per_epoch", batches_per_epoch, 1)
         if batches_per_epoch > full_batches:
             raise ValueError(
                 f"batches_per_epoch must be at most num_train // batch_size = {full_batches} for "
@@ -285,7 +282,7 @@ class ClassificationData:
         Returns:
             A prefetched `tf.data.Dataset` of (x, y) batches.
         """
-        _check_int("first_epoch", first_epoch, 0)
+        check_int("first_epoch", first_epoch, 0)
         make_epoch = self.train_epochs(batch_size, seed, augment, batches_per_epoch)
         dataset = tf.data.Dataset.counter(start=first_epoch).flat_map(make_epoch)
         return dataset.prefetch(tf.data.AUTOTUNE)
@@ -328,7 +325,7 @@ class ClassificationData:
 
 
 def _ordered_batches(x, y, batch_size: int, pad_remainder: bool) -> tf.data.Dataset:
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if pad_remainder:
         padded = -(-len(y) // batch_size) * batch_size
         extra = padded - len(y)
@@ -405,9 +402,9 @@ def load_dataset(
         raise ValueError(
             f"val_fraction must be a number in (0, 1); received val_fraction={val_fraction!r}."
         )
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if image_size is not None:
-        _check_int("image_size", image_size, 1)
+        check_int("image_size", image_size, 1)
     if name == "digits":
         return _load_digits(seed, val_fraction)
     if name == "mnist1d":

@@ -20,6 +20,8 @@ import numbers
 import keras
 from keras import constraints, initializers, ops, regularizers
 
+from noisy_keras._validation import check_int
+
 # Keys of `keras.layers.BatchNormalization.get_config()` that have no ghost
 # counterpart; `from_batch_normalization` accepts them only at their defaults.
 _UNSUPPORTED_BATCH_NORM_KEYS = {
@@ -105,15 +107,7 @@ class GhostBatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if (
-            not isinstance(virtual_batch_size, numbers.Integral)
-            or isinstance(virtual_batch_size, bool)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                "virtual_batch_size must be an integer >= 1; received "
-                f"virtual_batch_size={virtual_batch_size!r}."
-            )
+        check_int("virtual_batch_size", virtual_batch_size, 1)
         if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or axis == 0:
             raise ValueError(
                 "axis must be one integer naming the channel axis, not the batch axis 0; "

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from noisy_keras._validation import check_int
+
 SCALING_RULES = ("linear", "sqrt", "none")
 """Names accepted by `scale_learning_rate(rule=...)`."""
 
@@ -64,8 +66,7 @@ def _check_positive_number(name: str, value) -> None:
 
 
 def _check_positive_int(name: str, value) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; received {name}={value!r}.")
+    check_int(name, value, 1)
 
 
 def scale_learning_rate(

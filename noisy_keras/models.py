@@ -27,6 +27,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from noisy_keras._validation import check_int
 from noisy_keras.layers import GhostBatchNormalization
 
 MODEL_NAMES = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
@@ -274,11 +275,8 @@ def build_model(
             "input_shape must be a non-empty tuple of positive integers; received "
             f"input_shape={input_shape!r}."
         )
-    for argument, value, minimum in (("num_classes", num_classes, 2), ("seed", seed, 0)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-            raise ValueError(
-                f"{argument} must be an integer >= {minimum}; received {argument}={value!r}."
-            )
+    check_int("num_classes", num_classes, 2)
+    check_int("seed", seed, 0)
     if ghost_batch_size is not None:
         if (
             not isinstance(ghost_batch_size, numbers.Integral)

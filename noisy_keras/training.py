@@ -33,6 +33,7 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from noisy_keras import checkpointing, data, distribute
+from noisy_keras._validation import check_int
 
 __all__ = [
     "BatchSplit",
@@ -526,9 +527,7 @@ class BatchSplit:
 
 
 def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; received {value!r}.")
-    return value
+    return check_int(name, value, 1)
 
 
 def split_global_batch(

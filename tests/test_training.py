@@ -247,7 +247,9 @@ def test_split_global_batch_rejects_sizes_that_do_not_divide():
         r"3 x 4 = 12; allowed: multiples of 12, e.g. 996 or 1008",
     ):
         training.split_global_batch(1000, num_replicas=3, accumulation_steps=4)
-    with pytest.raises(ValueError, match=r"num_replicas must be a positive integer; received 0"):
+    with pytest.raises(
+        ValueError, match=r"num_replicas must be an integer >= 1; received num_replicas=0"
+    ):
         training.split_global_batch(64, num_replicas=0)
 
 

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from noisy_keras._validation import check_int
+
 
 def default_loss() -> keras.losses.Loss:
     """The loss assumed for classifiers that output logits."""
@@ -58,9 +60,7 @@ def mean_loss(loss, y_true, y_pred):
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
     """Returns `value` if it is an integer >= `minimum`; raises a ValueError naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; received {value!r}.")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def check_nonnegative_float(value, name: str, positive: bool = False) -> float:
