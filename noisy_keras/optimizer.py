@@ -161,7 +161,18 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
     @property
     def noise_stddev(self):
         """sigma_t for the next update t = `iterations`, as a float32 tensor (for logging)."""
-        return noise_lib.noise_stddev(tf.convert_to_tensor(self.iterations), self.alpha, self.gamma)
+        return self._noise_stddev_at(tf.convert_to_tensor(self.iterations))
+
+    # ---- The noise size (subclasses with another rule override these two) ------
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether any noise is added (False: updates are bit-identical to the inner optimizer)."""
+        return self.alpha > 0
+
+    def _noise_stddev_at(self, step):
+        """sigma_t at update `step` (a scalar integer tensor), as a float32 tensor."""
+        return noise_lib.noise_stddev(step, self.alpha, self.gamma)
 
     # ---- The update ------------------------------------------------------------
 
@@ -193,14 +204,14 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
                 f"Got {len(grads)} gradients for {len(trainable_variables)} variables; "
                 "they must correspond one to one."
             )
-        if self.alpha > 0:
+        if self.adds_noise:
             grads = self._add_noise(grads, trainable_variables)
         self.inner_optimizer.apply(grads, trainable_variables)
 
     def _add_noise(self, grads, trainable_variables):
         inner = self.inner_optimizer
         step = tf.convert_to_tensor(inner.iterations)
-        scale = noise_lib.noise_stddev(step, self.alpha, self.gamma)
+        scale = self._noise_stddev_at(step)
         accumulation_steps = inner.gradient_accumulation_steps
         if accumulation_steps:
             # Only the micro-batch that triggers the update carries noise, k times
