@@ -17,72 +17,16 @@ killed run would have done.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import tempfile
 
 import keras
 import tensorflow as tf
 
 from noisy_keras import distribute
 
-__all__ = [
-    "Checkpointer",
-    "DivergenceGuard",
-    "EpochCheckpoint",
-    "atomic_write_text",
-    "read_status",
-    "write_status",
-]
-
-STATUS_FILE = "status.json"
-STATUSES = ("running", "done", "diverged")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` so that readers see the old or the new file, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_status(workdir: str, status: str, **details) -> None:
-    """Writes `{"status": status, **details}` to `workdir/status.json`, atomically.
-
-    Args:
-        workdir: the run's directory.
-        status: one of "running", "done", "diverged".
-        **details: JSON-serialisable extras (epoch, message, ...).
-
-    Raises:
-        ValueError: `status` is not one of the allowed values.
-    """
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}; received {status!r}.")
-    atomic_write_text(
-        os.path.join(workdir, STATUS_FILE), json.dumps({"status": status, **details}, indent=1)
-    )
-
-
-def read_status(workdir: str) -> dict | None:
-    """The run's status written by `write_status`, or None if there is none."""
-    path = os.path.join(workdir, STATUS_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+__all__ = ["Checkpointer", "DivergenceGuard", "EpochCheckpoint"]
 
 
 def _tf_variable(variable):

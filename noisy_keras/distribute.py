@@ -1,8 +1,14 @@
-"""Strategies from a short name, and logical CPU devices for laptops and tests."""
+"""Strategies from a short name, the device policy (XLA on or off), and logical CPU devices.
+
+Logical CPU devices let `MirroredStrategy` run real multi-replica code on a
+laptop and in tests.
+"""
 
 import os
 
 import tensorflow as tf
+
+from noisy_keras.config import STRATEGY_NAMES
 
 
 def configure_logical_cpus(num_devices: int) -> list:
@@ -38,9 +44,6 @@ def configure_logical_cpus(num_devices: int) -> list:
                 "devices before the first TensorFlow op."
             ) from None
     return tf.config.list_logical_devices("CPU")
-
-
-STRATEGY_NAMES = ("default", "mirrored", "multiworker")
 
 
 def _check_num_devices(num_devices) -> None:
@@ -176,3 +179,27 @@ def is_chief(strategy=None) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and not has_chief and int(resolver.task_id or 0) == 0
+
+
+def resolve_xla(xla, strategy=None) -> bool:
+    """Resolves `xla` ("auto", True or False) for the devices of `strategy`.
+
+    Rule for "auto": XLA on when the strategy's replicas run on GPUs (or
+    TPUs), off on CPU, where XLA's per-replica compilation was measured
+    slower for small models (see the README's "Multi-GPU with XLA").
+
+    Raises:
+        ValueError: `xla` is not "auto", True or False.
+    """
+    if xla is True or xla is False:
+        return xla
+    if xla != "auto":
+        raise ValueError(f"xla must be 'auto', True or False; received {xla!r}.")
+    strategy = strategy or tf.distribute.get_strategy()
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy has no device list
+        devices = ()
+    if devices:
+        return any(tf.DeviceSpec.from_string(d).device_type in ("GPU", "TPU") for d in devices)
+    return bool(tf.config.list_logical_devices("GPU"))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import json
 import math
 import os
 import sys
@@ -33,8 +32,9 @@ import time
 
 from absl import app, flags
 
-from noisy_keras import checkpointing
+from noisy_keras import config as config_lib
 from noisy_keras import train as train_lib
+from noisy_keras import workdir as workdir_lib
 
 SHARPNESS_EXAMPLES = 512
 METRICS = ("val_accuracy", "train_accuracy", "gap", "sharpness", "wall_time_s")
@@ -68,14 +68,7 @@ def run_dir(out: str, cell: Cell, seed: int) -> str:
     return os.path.join(out, "runs", cell.name, f"seed{seed}")
 
 
-def _load_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def measure_sharpness(workdir: str, config: train_lib.TrainConfig) -> float:
+def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
     """Top Hessian eigenvalue of the training loss of a finished run (Lanczos).
 
     Uses the first `SHARPNESS_EXAMPLES` training examples of the run's split,
@@ -83,19 +76,13 @@ def measure_sharpness(workdir: str, config: train_lib.TrainConfig) -> float:
     """
     import keras
 
-    from noisy_keras import data
+    from noisy_keras import recipe
     from noisy_keras.analysis import hessian
 
-    dataset = data.load_dataset(
-        config.dataset,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        data_dir=config.data_dir or None,
-        image_size=config.image_size or None,
-    )
+    dataset = recipe.load_data(config)
     x, y = dataset.train_arrays()
     count = min(SHARPNESS_EXAMPLES, len(y))
-    model = keras.models.load_model(os.path.join(workdir, "model.keras"), compile=False)
+    model = keras.models.load_model(os.path.join(workdir, workdir_lib.MODEL_FILE), compile=False)
     result = hessian.hessian_eigenvalues(
         model, (x[:count], y[:count]), k=1, max_iterations=60, tolerance=1e-3, seed=0
     )
@@ -106,22 +93,20 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
-    values = train_lib.read_flagfile(cell.flagfile)
-    values.update(overrides)
-    values.update(batch_size=str(cell.batch_size), noise_alpha=repr(cell.alpha), seed=str(seed))
-    values.setdefault("verbose", "0")
-    config = train_lib.config_from_strings(values)
+    values = {"verbose": "0", **config_lib.read_flagfile(cell.flagfile), **overrides}
+    config = config_lib.config_from_strings(values).replace(
+        batch_size=cell.batch_size, noise_alpha=cell.alpha, seed=seed
+    )
     workdir = run_dir(out, cell, seed)
-    summary = _load_json(os.path.join(workdir, "summary.json"))
+    summary_path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
+    summary = workdir_lib.read_json(summary_path)
     if summary is None or summary.get("status") != "done":
         keras.utils.clear_session()
         summary = train_lib.train(config, workdir)
     if summary["status"] == "done" and "sharpness" not in summary:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
-        checkpointing.atomic_write_text(
-            os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n"
-        )
+        workdir_lib.write_json(summary_path, summary)
     return {
         "cell": cell.name,
         "base": cell.base_name,
@@ -227,7 +212,7 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
             if r["batch_size"] == largest:
                 name = "no noise" if r["alpha"] == 0 else f"alpha={r['alpha']:g}"
                 curves.setdefault(name, []).append(
-                    train_lib.read_metrics(os.path.join(r["workdir"], "metrics.csv"))
+                    workdir_lib.read_metrics(os.path.join(r["workdir"], workdir_lib.METRICS_FILE))
                 )
         path = os.path.join(out, f"noise_{base}_b{largest}.png")
         plots.plot_noise_comparison(curves, path, title=f"{base}, B={largest}")
@@ -290,7 +275,9 @@ def write_reports(out: str, jobs) -> list[dict]:
     """Collects every finished run of `jobs` into results.csv, table.csv/.md and figures."""
     rows = []
     for cell, seed in jobs:
-        summary = _load_json(os.path.join(run_dir(out, cell, seed), "summary.json"))
+        summary = workdir_lib.read_json(
+            os.path.join(run_dir(out, cell, seed), workdir_lib.SUMMARY_FILE)
+        )
         if summary is None:
             continue
         rows.append(
@@ -360,7 +347,7 @@ def main(argv) -> int:
         if FLAGS.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
         for path in FLAGS.flagfiles:
-            train_lib.read_flagfile(path)
+            config_lib.read_flagfile(path)
         rows = run_grid(
             out=FLAGS.out,
             flagfiles=FLAGS.flagfiles,

@@ -42,9 +42,10 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from noisy_keras import config
 from noisy_keras._validation import check_int
 
-SCALING_RULES = ("linear", "sqrt", "none")
+SCALING_RULES = config.LR_SCALING_RULES
 """Names accepted by `scale_learning_rate(rule=...)`."""
 
 DEFAULT_DECAY_EPOCHS = (25, 40)

@@ -27,10 +27,11 @@ import keras
 import numpy as np
 from keras import layers
 
+from noisy_keras import config
 from noisy_keras._validation import check_int
 from noisy_keras.layers import GhostBatchNormalization
 
-MODEL_NAMES = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
+MODEL_NAMES = config.MODEL_NAMES
 MODELS_WITH_BATCH_NORM = ("resnet20", "resnet50")
 _INITIALIZER_KEYS = (
     "kernel_initializer",

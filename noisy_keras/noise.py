@@ -22,9 +22,12 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from noisy_keras import _keras_internals as internals
+from noisy_keras import config
+
 PAPER_ALPHA = 1e-5
 PAPER_GAMMA = 0.55
-SEED_MAX = 2**31 - 1
+SEED_MAX = config.SEED_MAX
 _PHILOX = 1  # tf.random.Algorithm.PHILOX
 
 __all__ = [
@@ -107,20 +110,6 @@ def noise_stddev(step, alpha=PAPER_ALPHA, gamma=PAPER_GAMMA):
     return np.sqrt(noise_variance(step, alpha, gamma))
 
 
-def _in_xla_computation() -> bool:
-    """Whether ops created now are compiled by XLA (inside a `jit_compile=True` function).
-
-    Uses TensorFlow's internal marker of XLA functions (the one `tf.while_loop`
-    itself reads). Should it ever be missing, the answer is False, and the
-    kernel path is taken: the same numbers, only slower under XLA.
-    """
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - depends on TensorFlow's internals
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
 @tf.autograph.experimental.do_not_convert
 def _philox_words_loop(num: int, seed: int, step) -> tf.Tensor:
     """The first `num` uint32 words of Philox-4x32-10 with key = seed, counter = (i, step).
@@ -183,7 +172,7 @@ def _philox_words(num: int, seed: int, step) -> tf.Tensor:
     an XLA computation: `_philox_words_loop`, which gives the same words about
     8x faster on CPU than XLA's lowering of that kernel.
     """
-    if _in_xla_computation():
+    if internals.in_xla_context():
         return _philox_words_loop(num, seed, step)
     key = tf.reshape(tf.cast(tf.constant(int(seed), tf.int64), tf.uint64), [1])
     counter = tf.stack([tf.constant(0, tf.uint64), tf.cast(tf.cast(step, tf.int64), tf.uint64)])

@@ -59,10 +59,13 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
     scaling (`noisy_keras.lr.scale_learning_rate`) for the paper's method.
 
     Semantics:
-        * t is `optimizer.iterations`: updates applied, which under the inner
-          optimizer's `gradient_accumulation_steps=k` counts updates, not
-          micro-batches; noise then enters once per update (k times the noise is
-          added on the update micro-batch, which the inner optimizer divides by k).
+        * t is `optimizer.iterations`: parameter updates applied. Gradient
+          accumulation belongs to the engine (`noisy_keras.replica_xla`,
+          `noisy_keras.training.fit(accumulation_steps=k)`), which calls the
+          wrapper once per update, so noise enters once per update. An inner
+          optimizer with Keras' own `gradient_accumulation_steps` is refused:
+          the wrapper would add noise to every micro-batch, and Keras feeds its
+          learning-rate schedule the micro-batch count.
         * The noise is a function of (seed, t) only (stateless Philox), so a run
           is reproducible and a restored checkpoint continues the same sequence.
         * Under a `tf.distribute` strategy with R replicas every replica adds the
@@ -79,8 +82,8 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance to wrap (SGD, Adam,
-            AdamW, RMSprop, Lion, ...). Set learning rate, clipping, weight decay
-            and gradient accumulation on it, not on the wrapper.
+            AdamW, RMSprop, Lion, ...). Set learning rate, clipping and weight
+            decay on it, not on the wrapper; gradient accumulation on the engine.
         alpha: noise variance at t = 0 (0 turns noise off).
         gamma: decay exponent of the variance.
         seed: integer in [0, 2**31 - 1]; None draws one at construction, which
@@ -212,12 +215,6 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
         inner = self.inner_optimizer
         step = tf.convert_to_tensor(inner.iterations)
         scale = self._noise_stddev_at(step)
-        accumulation_steps = inner.gradient_accumulation_steps
-        if accumulation_steps:
-            # Only the micro-batch that triggers the update carries noise, k times
-            # over, because the inner optimizer averages the k accumulated gradients.
-            is_update = tf.equal((inner._iterations + 1) % accumulation_steps, 0)
-            scale = scale * tf.cast(is_update, tf.float32) * float(accumulation_steps)
         if inner.loss_scale_factor is not None:
             scale = scale * float(inner.loss_scale_factor)
         replicas = _replicas_summing_gradients()
@@ -277,6 +274,15 @@ def _check_inner_optimizer(optimizer) -> None:
             "`optimizer` is a LossScaleOptimizer; its scaled gradients would carry the "
             "noise. Wrap the other way round: LossScaleOptimizer(NoisyOptimizer(...)), "
             "which `model.compile` does by itself under the 'mixed_float16' policy."
+        )
+    if isinstance(optimizer, keras.optimizers.Optimizer) and optimizer.gradient_accumulation_steps:
+        k = optimizer.gradient_accumulation_steps
+        raise ValueError(
+            f"`optimizer` has gradient_accumulation_steps={k}; NoisyOptimizer would add noise to "
+            "every micro-batch, and Keras feeds the learning-rate schedule the micro-batch "
+            "count. Remove it and let the engine accumulate: "
+            f"noisy_keras.training.fit(..., accumulation_steps={k}) or "
+            f"noisy_keras.replica_xla.enable_replica_xla(model, accumulation_steps={k})."
         )
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         hint = ""

@@ -25,11 +25,12 @@ def _isolate_global_state():
     later tests exercise, so it is switched off again after every test.
     """
     import keras
-    from tensorflow.python.framework import config as tf_config
+
+    from noisy_keras import _keras_internals
 
     keras.config.set_dtype_policy("float32")
     keras.utils.clear_session()
     yield
     keras.config.set_dtype_policy("float32")
-    if tf_config.is_op_determinism_enabled():
-        tf_config.disable_op_determinism()
+    if _keras_internals.is_op_determinism_enabled():
+        _keras_internals.disable_op_determinism()

@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from noisy_keras import training  # noqa: E402
+from noisy_keras import replica_xla  # noqa: E402
 
 
 def _model(kind):
@@ -66,7 +66,7 @@ def measure(kind, replicas, xla, steps, batch, compile_update=False):
         )
         if compile_update:
             model.optimizer.update_step = tf.function(model.optimizer.update_step, jit_compile=True)
-    training.enable_replica_xla(model, jit_compile=xla)
+    replica_xla.enable_replica_xla(model, jit_compile=xla)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).repeat().prefetch(2)
     model.fit(data, steps_per_epoch=5, epochs=1, verbose=0)
     start = time.perf_counter()

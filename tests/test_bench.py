@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from noisy_keras import bench
+from noisy_keras.bench.engine import ENGINE_DEVICES
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def test_engine_reports_three_paths_with_consistent_throughput(quick_results):
     (case,) = quick_results[0]["engine"]["cases"]
     rows = {row["config"]: row for row in case["configs"]}
     assert {"engine_mirrored_xla", "keras_mirrored", "keras_single_xla"} <= set(rows)
-    assert rows["engine_mirrored_xla"]["replicas"] == bench.ENGINE_DEVICES
-    assert rows["keras_mirrored"]["replicas"] == bench.ENGINE_DEVICES
+    assert rows["engine_mirrored_xla"]["replicas"] == ENGINE_DEVICES
+    assert rows["keras_mirrored"]["replicas"] == ENGINE_DEVICES
     assert rows["keras_single_xla"]["replicas"] == 1
     for row in rows.values():
         assert _positive(row["step_ms"]) and row["steps_timed"] >= 1

@@ -9,12 +9,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from noisy_keras import data
+from noisy_keras import data, datasets
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.load_dataset("digits", seed=0)
+    return datasets.load_dataset("digits", seed=0)
 
 
 def _batches(dataset, count):
@@ -42,11 +42,11 @@ def test_digits_split_is_stratified_3_to_1_and_covers_every_example(digits):
 
 
 def test_digits_split_depends_only_on_seed(digits):
-    again = data.load_dataset("digits", seed=0)
+    again = datasets.load_dataset("digits", seed=0)
     np.testing.assert_array_equal(again.x_val, digits.x_val)
-    other = data.load_dataset("digits", seed=1, val_fraction=0.5)
+    other = datasets.load_dataset("digits", seed=1, val_fraction=0.5)
     assert other.num_val > 800
-    assert not np.array_equal(data.load_dataset("digits", seed=1).x_val, digits.x_val)
+    assert not np.array_equal(datasets.load_dataset("digits", seed=1).x_val, digits.x_val)
 
 
 def test_stratified_split_keeps_one_training_example_per_class():
@@ -161,7 +161,7 @@ def test_mnist1d_is_the_package_dataset_and_leaves_global_rng_alone():
     from mnist1d.data import get_dataset_args, make_dataset
 
     np.random.seed(123)  # noqa: NPY002
-    mnist1d = data.load_dataset("mnist1d")
+    mnist1d = datasets.load_dataset("mnist1d")
     after = np.random.random()  # noqa: NPY002
     np.random.seed(123)  # noqa: NPY002
     assert after == np.random.random()  # noqa: NPY002
@@ -176,7 +176,7 @@ def test_mnist1d_is_the_package_dataset_and_leaves_global_rng_alone():
 
 def test_tfds_without_validation_split_is_split_3_to_1(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
-        mnist = data.load_dataset("tfds:mnist", data_dir=str(tmp_path), seed=1)
+        mnist = datasets.load_dataset("tfds:mnist", data_dir=str(tmp_path), seed=1)
     assert (mnist.input_shape, mnist.num_classes) == ((28, 28, 1), 10)
     assert mnist.num_train + mnist.num_val == 40
     assert mnist.x_train.dtype == np.uint8 and not mnist.horizontal_flip
@@ -190,7 +190,7 @@ def test_tfds_without_validation_split_is_split_3_to_1(tmp_path):
 
 def test_tfds_variable_size_images_are_resized(tmp_path):
     with tfds.testing.mock_data(num_examples=12):
-        caltech = data.load_dataset("tfds:caltech101", data_dir=str(tmp_path), image_size=16)
+        caltech = datasets.load_dataset("tfds:caltech101", data_dir=str(tmp_path), image_size=16)
     assert caltech.input_shape == (16, 16, 3)
     assert caltech.num_classes == 102 and len(caltech.class_names) == 102
     assert caltech.horizontal_flip
@@ -214,7 +214,7 @@ def image_tree(tmp_path):
 
 def test_folder_tree_is_decoded_resized_and_split(image_tree):
     root, colors = image_tree
-    dataset = data.load_dataset(f"folder:{root}", image_size=6, seed=2)
+    dataset = datasets.load_dataset(f"folder:{root}", image_size=6, seed=2)
     assert dataset.class_names == ("cat", "dog", "emu")
     assert (dataset.input_shape, dataset.num_classes) == ((6, 6, 3), 3)
     assert (dataset.num_train, dataset.num_val) == (9, 3)
@@ -230,14 +230,14 @@ def test_folder_tree_is_decoded_resized_and_split(image_tree):
 def test_folder_errors_name_the_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        data.load_dataset(f"folder:{missing}")
+        datasets.load_dataset(f"folder:{missing}")
     with pytest.raises(ValueError, match=rf"{tmp_path}' has no class subfolders"):
-        data.load_dataset(f"folder:{tmp_path}")
+        datasets.load_dataset(f"folder:{tmp_path}")
     (tmp_path / "full").mkdir()
     _write_png(tmp_path / "full" / "a.png", (1, 2, 3), (4, 4))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=rf"Class folder '{tmp_path / 'empty'}' has no images"):
-        data.load_dataset(f"folder:{tmp_path}")
+        datasets.load_dataset(f"folder:{tmp_path}")
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_folder_errors_name_the_path(tmp_path):
 )
 def test_load_dataset_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        data.load_dataset(**{"name": "digits", **kwargs})
+        datasets.load_dataset(**{"name": "digits", **kwargs})
 
 
 def test_batch_size_larger_than_the_training_set_raises(digits):
@@ -264,7 +264,7 @@ def test_tfds_validation_split_is_used_when_present(tmp_path, monkeypatch):
     read_splits = []
 
     # Mocked TFDS knows no split names; pretend the prepared dataset has these two.
-    monkeypatch.setattr(data, "_tfds_split_names", lambda builder: {"train", "validation"})
+    monkeypatch.setattr(datasets, "_tfds_split_names", lambda builder: {"train", "validation"})
     with tfds.testing.mock_data(num_examples=6):
         mocked = tfds.core.DatasetBuilder.as_dataset
 
@@ -273,7 +273,7 @@ def test_tfds_validation_split_is_used_when_present(tmp_path, monkeypatch):
             return mocked(self, split=split, **kwargs)
 
         monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", as_dataset)
-        dataset = data.load_dataset("tfds:cifar10", data_dir=str(tmp_path))
+        dataset = datasets.load_dataset("tfds:cifar10", data_dir=str(tmp_path))
     assert read_splits == ["train", "validation"]
     assert (dataset.num_train, dataset.num_val) == (6, 6)
     assert dataset.validation == "the dataset's own 'validation' split"

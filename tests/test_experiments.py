@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from noisy_keras import config as config_lib
 from noisy_keras import experiments
 from noisy_keras import train as train_lib
 
@@ -25,7 +26,7 @@ def flagfile(tmp_path):
 
 
 def test_read_flagfile_and_config_from_strings(flagfile, tmp_path):
-    values = train_lib.read_flagfile(flagfile)
+    values = config_lib.read_flagfile(flagfile)
     assert values == {
         "dataset": "digits",
         "model": "mlp",
@@ -33,18 +34,18 @@ def test_read_flagfile_and_config_from_strings(flagfile, tmp_path):
         "base_learning_rate": "0.05",
         "xla": "false",
     }
-    config = train_lib.config_from_strings({**values, "lr_decay_epochs": "3,4", "augment": "0"})
+    config = config_lib.config_from_strings({**values, "lr_decay_epochs": "3,4", "augment": "0"})
     assert (config.epochs, config.base_learning_rate, config.lr_decay_epochs) == (1, 0.05, (3, 4))
     with pytest.raises(ValueError, match=r"Unknown flag --batchsize; valid: .*batch_size"):
-        train_lib.config_from_strings({"batchsize": "3"})
+        config_lib.config_from_strings({"batchsize": "3"})
     with pytest.raises(ValueError, match=r"--epochs='ten' is not a valid int"):
-        train_lib.config_from_strings({"epochs": "ten"})
+        config_lib.config_from_strings({"epochs": "ten"})
     bad = tmp_path / "bad.flags"
     bad.write_text("--model=mlp\nbatch_size 3\n")
     with pytest.raises(ValueError, match=r"bad.flags:2: expected '--name=value'"):
-        train_lib.read_flagfile(str(bad))
+        config_lib.read_flagfile(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.flags"):
-        train_lib.read_flagfile(str(tmp_path / "missing.flags"))
+        config_lib.read_flagfile(str(tmp_path / "missing.flags"))
 
 
 def test_grid_runs_every_cell_and_seed_then_resumes_without_redoing(

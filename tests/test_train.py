@@ -9,7 +9,9 @@ import sys
 import pytest
 from absl import flags
 
+from noisy_keras import config as config_lib
 from noisy_keras import train as train_lib
+from noisy_keras import workdir as workdir_lib
 
 TINY = dict(model="mlp", batch_size=128, epochs=2, verbose=0, base_learning_rate=0.05)
 
@@ -60,37 +62,37 @@ def test_flags_build_a_frozen_config(flag_values):
 )
 def test_bad_config_is_named(changes, message):
     with pytest.raises(ValueError, match=message):
-        train_lib.validate_config(train_lib.TrainConfig(**changes))
+        config_lib.validate_config(config_lib.TrainConfig(**changes))
 
 
 def test_flagfile_round_trip_lists_every_field():
-    config = train_lib.TrainConfig(lr_decay_epochs=(3, 7), augment=True, noise_alpha=1e-3)
+    config = config_lib.TrainConfig(lr_decay_epochs=(3, 7), augment=True, noise_alpha=1e-3)
     text = config.to_flagfile()
     assert "--lr_decay_epochs=3,7\n" in text and "--augment=true\n" in text
     assert "--noise_alpha=0.001\n" in text
-    assert len(text.splitlines()) == len(train_lib.TrainConfig.__dataclass_fields__)
+    assert len(text.splitlines()) == len(config_lib.TrainConfig.__dataclass_fields__)
 
 
 def test_workdir_with_other_configuration_is_refused_and_kept(tmp_path):
     workdir = str(tmp_path / "run")
-    train_lib.prepare_workdir(workdir, train_lib.TrainConfig(batch_size=128))
+    workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=128))
     marker = os.path.join(workdir, "keep.txt")
     with open(marker, "w") as f:
         f.write("user data")
     with pytest.raises(ValueError, match=r"batch_size: saved '128', now '256'.*--overwrite"):
-        train_lib.prepare_workdir(workdir, train_lib.TrainConfig(batch_size=256))
+        workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=256))
     assert os.path.exists(marker)
     # More epochs is a resume of the same run, not a different configuration.
-    train_lib.prepare_workdir(workdir, train_lib.TrainConfig(batch_size=128, epochs=99))
+    workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=128, epochs=99))
     assert os.path.exists(marker)
-    train_lib.prepare_workdir(workdir, train_lib.TrainConfig(batch_size=256), overwrite=True)
+    workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=256), overwrite=True)
     assert not os.path.exists(marker)
 
 
 def test_non_run_directory_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no flags.txt.*nothing was deleted"):
-        train_lib.prepare_workdir(str(tmp_path), train_lib.TrainConfig())
+        workdir_lib.prepare_workdir(str(tmp_path), config_lib.TrainConfig())
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -101,7 +103,7 @@ def _rows(path):
 
 def test_train_writes_every_output_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    config = train_lib.TrainConfig(**TINY)
+    config = config_lib.TrainConfig(**TINY)
     summary = train_lib.train(config, workdir)
     assert summary["status"] == "done"
     for name in (
@@ -145,7 +147,7 @@ def test_train_writes_every_output_and_resumes(tmp_path):
     assert loaded.stdout.split()[-2:] == ["NoisyOptimizer", "WarmupStepDecay"]
 
     # The same run with more epochs resumes at epoch 2 and keeps the first rows.
-    more = train_lib.train(train_lib.TrainConfig(**{**TINY, "epochs": 3}), workdir)
+    more = train_lib.train(config_lib.TrainConfig(**{**TINY, "epochs": 3}), workdir)
     assert more["status"] == "done"
     resumed_rows = _rows(os.path.join(workdir, "metrics.csv"))
     assert [int(r["epoch"]) for r in resumed_rows] == [0, 1, 2]

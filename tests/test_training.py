@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import checkpointing, training
+from noisy_keras import checkpointing, data, replica_xla, training, workdir
 from noisy_keras.distribute import make_strategy
 from noisy_keras.optimizer import NoisyOptimizer
 
@@ -102,7 +102,7 @@ def test_mirrored_xla_trains_compiled_with_identical_replicas(kind):
         model.compile(
             optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS, metrics=["accuracy"]
         )
-    training.enable_replica_xla(model)
+    replica_xla.enable_replica_xla(model)
     before = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)["loss"]
     history = model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
     after = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)["loss"]
@@ -113,7 +113,7 @@ def test_mirrored_xla_trains_compiled_with_identical_replicas(kind):
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert predictions.shape == (8, 3)
 
-    functions = training.replica_xla_functions(model)
+    functions = replica_xla.replica_xla_functions(model)
     for name in ("train", "test", "predict"):
         assert functions[name].experimental_get_tracing_count() >= 1, name
     args = _train_args(model, x[:8], y[:8])
@@ -134,9 +134,9 @@ def test_mirrored_xla_trains_compiled_with_identical_replicas(kind):
 def test_without_jit_compile_the_replica_function_is_not_xla():
     model = _model()
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
-    training.enable_replica_xla(model, jit_compile=False)
+    replica_xla.enable_replica_xla(model, jit_compile=False)
     x, y = _data(8)
-    concrete = training.replica_xla_functions(model)["train"].get_concrete_function(
+    concrete = replica_xla.replica_xla_functions(model)["train"].get_concrete_function(
         *_train_args(model, x, y)
     )
     assert not concrete.function_def.attr["_XlaMustCompile"].b
@@ -171,7 +171,7 @@ def _noisy_run(strategy, alpha, steps=20):
         model.compile(optimizer=optimizer, loss=LOSS)
     result = training.fit(
         model,
-        training.epoch_batches((x, y), batch_size=16, seed=2),
+        data.epoch_batches((x, y), batch_size=16, seed=2),
         epochs=steps,
         steps_per_epoch=1,  # one step per epoch: history["loss"] is the per-step loss
         strategy=strategy,
@@ -208,17 +208,16 @@ def _accumulated_run(k, step_batch, alpha, updates=3):
     x, y = _data(96)
     with strategy.scope():
         model = _model(seed=4)
-        inner = keras.optimizers.SGD(
-            0.2, momentum=0.9, gradient_accumulation_steps=k if k > 1 else None
-        )
+        inner = keras.optimizers.SGD(0.2, momentum=0.9)
         model.compile(optimizer=NoisyOptimizer(inner, alpha=alpha, seed=9), loss=LOSS)
     training.fit(
         model,
-        training.epoch_batches((x, y), batch_size=step_batch, seed=6),
+        data.epoch_batches((x, y), batch_size=step_batch, seed=6),
         epochs=1,
         steps_per_epoch=updates * k,
         strategy=strategy,
         xla=True,
+        accumulation_steps=k,
         verbose=0,
     )
     assert int(np.asarray(model.optimizer.iterations)) == updates
@@ -255,17 +254,26 @@ def test_split_global_batch_rejects_sizes_that_do_not_divide():
 
 def test_fit_rejects_epochs_that_end_inside_an_accumulation():
     model = _model()
-    inner = keras.optimizers.SGD(0.1, gradient_accumulation_steps=4)
+    inner = keras.optimizers.SGD(0.1)
     model.compile(optimizer=NoisyOptimizer(inner, alpha=0.0, seed=1), loss=LOSS)
     x, y = _data(64)
     with pytest.raises(ValueError, match=r"steps_per_epoch=6 is not a multiple of .*=4"):
         training.fit(
             model,
-            training.epoch_batches((x, y), batch_size=8, seed=0),
+            data.epoch_batches((x, y), batch_size=8, seed=0),
             epochs=1,
             steps_per_epoch=6,
+            accumulation_steps=4,
             verbose=0,
         )
+
+
+def test_accumulation_has_one_owner_the_engine():
+    """An optimizer with Keras' own accumulation is refused, with the engine's argument named."""
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=4), loss=LOSS)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4.*accumulation_steps=4"):
+        replica_xla.enable_replica_xla(model)
 
 
 # ---- 6. NaN stop ---------------------------------------------------------------------
@@ -282,7 +290,7 @@ class _EpochSnapshots(keras.callbacks.Callback):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     x, y = _data(64)
-    clean = training.epoch_batches((x, y), batch_size=16, seed=1)
+    clean = data.epoch_batches((x, y), batch_size=16, seed=1)
 
     def poisoned(epoch):  # batch 2 of epoch 1 (global step 6) has NaN inputs
         def poison(index, batch):
@@ -314,7 +322,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert "at step 6 (epoch 1, batch 2 of 4" in result.message
     assert result.epochs_completed == 1
     assert not all(np.all(np.isfinite(w)) for w in _weights(result.model))
-    assert checkpointing.read_status(str(tmp_path))["status"] == "diverged"
+    assert workdir.read_status(str(tmp_path))["status"] == "diverged"
     assert result.checkpoint.endswith("ckpt-1")
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.startswith("ckpt-2")]
 
@@ -371,7 +379,7 @@ def test_keras_callbacks_keep_working_under_the_engine(tmp_path):
         callbacks.append(keras.callbacks.TensorBoard(str(tmp_path / "tb"), write_graph=False))
     result = training.fit(
         model,
-        training.epoch_batches((x, y), batch_size=16, seed=0),
+        data.epoch_batches((x, y), batch_size=16, seed=0),
         epochs=3,
         steps_per_epoch=4,
         validation_data=(x, y),
@@ -389,12 +397,12 @@ def test_keras_callbacks_keep_working_under_the_engine(tmp_path):
         events = [f for _, _, fs in os.walk(tmp_path / "tb") for f in fs if "tfevents" in f]
         assert events
     assert not (tmp_path / "backup").exists()  # BackupAndRestore cleans up after success
-    assert checkpointing.read_status(str(tmp_path / "run"))["status"] == "done"
+    assert workdir.read_status(str(tmp_path / "run"))["status"] == "done"
 
 
 def test_enable_replica_xla_rejects_what_it_cannot_honour():
     with pytest.raises(ValueError, match=r"must be compiled before enable_replica_xla"):
-        training.enable_replica_xla(_model())
+        replica_xla.enable_replica_xla(_model())
 
     class CustomStep(keras.Sequential):
         def train_step(self, data):
@@ -403,4 +411,4 @@ def test_enable_replica_xla_rejects_what_it_cannot_honour():
     model = CustomStep([keras.Input((6,)), keras.layers.Dense(3)])
     model.compile(optimizer="sgd", loss=LOSS)
     with pytest.raises(ValueError, match=r"overrides `train_step`"):
-        training.enable_replica_xla(model)
+        replica_xla.enable_replica_xla(model)

@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from noisy_keras import distribute, training  # noqa: E402
+from noisy_keras import data, distribute, training  # noqa: E402
 from noisy_keras.optimizer import NoisyOptimizer  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 6)).astype("float32")
     y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")
-    train_data = training.epoch_batches((x, y), batch_size=16, seed=5)
+    train_data = data.epoch_batches((x, y), batch_size=16, seed=5)
     result = training.fit(
         _build_model,
         train_data,

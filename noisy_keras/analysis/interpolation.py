@@ -50,6 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from noisy_keras import _keras_internals as internals
 from noisy_keras.analysis import _common
 
 BATCHNORM_MODES = ("interpolate", "recompute")
@@ -137,7 +138,7 @@ def _batchnorm_layers(model: keras.Model) -> list:
     """
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in internals.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
         or all(hasattr(layer, name) for name in ("moving_mean", "moving_variance", "momentum"))
     ]

@@ -1,0 +1,119 @@
+"""The benchmark results as Markdown tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_tables(results: dict) -> str:
+    """The results as Markdown tables, one per part present."""
+    out = []
+    noise = results.get("noise")
+    if noise:
+        out.append("### Noise overhead (NoisyOptimizer vs inner alone, one device)\n")
+        out.append(
+            _table(
+                ["model", "B", "optimizer", "XLA", "bare ms", "noisy ms", "ratio",
+                 "overhead %", "overhead ns/param", "floor ns/param", "vs floor"],
+                [
+                    [c["model"], c["batch_size"], c["optimizer"], _fmt(c["xla"]),
+                     _fmt(c["bare_ms"]), _fmt(c["noisy_ms"]), _fmt(c["ratio"], 3),
+                     _fmt(c["overhead_pct"], 1), _fmt(c["overhead_ns_per_param"], 1),
+                     _fmt(c["floor_philox_ns_per_param"], 1), _fmt(c["overhead_vs_floor"], 2)]
+                    for c in noise["cases"]
+                ],
+            )
+        )  # fmt: skip
+        out.append("\n\nFloors, ns per parameter (medians; the draw written to memory):\n")
+        out.append(
+            _table(
+                ["params", "XLA", "unit_noise (ours)", "stateless_normal philox",
+                 "stateless_normal auto_select", "elementwise pass", "ours / philox"],
+                [
+                    [f["params"], _fmt(f["xla"]), _fmt(f["unit_noise_ns_per_param"], 1),
+                     _fmt(f["philox_ns_per_param"], 1), _fmt(f["auto_select_ns_per_param"], 1),
+                     _fmt(f["elementwise_ns_per_param"], 1), _fmt(f["unit_noise_vs_philox"], 2)]
+                    for f in noise["floors"]
+                ],
+            )
+        )  # fmt: skip
+        out.append("\n")
+    engine = results.get("engine")
+    if engine:
+        for case in engine["cases"]:
+            out.append(
+                f"\n### Engine throughput: {case['model']}, global batch "
+                f"{case['global_batch_size']}\n"
+            )
+            out.append(
+                _table(
+                    ["configuration", "replicas", "step ms", "examples/s"],
+                    [
+                        [r["description"], r["replicas"], _fmt(r["step_ms"]),
+                         _fmt(r["examples_per_s"], 0)]
+                        for r in case["configs"]
+                    ],
+                )
+            )  # fmt: skip
+            ratios = [f"{key}: {case[key]:.2f}x" for key in case if key.startswith("engine_vs_")]
+            out.append("\n" + "; ".join(ratios) + "\n")
+    tta = results.get("time_to_accuracy")
+    if tta:
+        for task_result in tta["tasks"]:
+            task = task_result["task"]
+            out.append(
+                f"\n### Time to {task['target_accuracy']:.0%} validation accuracy: "
+                f"{task['dataset']} ({task['model']})\n"
+            )
+            rows = []
+            for s in task_result["summary"]:
+                t, n, best = s["time_to_target_s"], s["steps_to_target"], s["best_val_accuracy"]
+                rows.append(
+                    [
+                        s["config"],
+                        s["epochs"],
+                        f"{s['reached']}/{s['seeds']}",
+                        f"{_fmt(t['median'], 1)} [{_fmt(t['min'], 1)}, {_fmt(t['max'], 1)}]",
+                        f"{_fmt(n['median'], 0)} [{_fmt(n['min'], 0)}, {_fmt(n['max'], 0)}]",
+                        _fmt(best["median"], 3),
+                    ]
+                )
+            out.append(
+                _table(
+                    ["config", "epochs", "reached", "time s, median [min, max]",
+                     "steps, median [min, max]", "best val acc (median)"],
+                    rows,
+                )
+            )  # fmt: skip
+            out.append("\n")
+    memory = results.get("memory")
+    if memory:
+        out.append("\n### Peak resident memory (training process, no XLA)\n")
+        out.append(
+            _table(
+                ["model", "B", "params", "bare MiB", "noisy MiB", "ratio", "delta MiB"],
+                [
+                    [c["model"], c["batch_size"], c["params"], _fmt(c["bare_mb"], 0),
+                     _fmt(c["noisy_mb"], 0), _fmt(c["ratio"], 3), _fmt(c["delta_mb"], 1)]
+                    for c in memory["cases"]
+                ],
+            )
+        )  # fmt: skip
+        out.append("\n")
+    return "\n".join(out)

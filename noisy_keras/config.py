@@ -1,0 +1,326 @@
+"""The run configuration: one frozen dataclass, its flagfile form, and every check.
+
+A run of the main job is described by one `TrainConfig`. The command line
+(`noisy_keras.train`), the experiment runner and notebooks all build it here and
+all go through the same checks, `validate_config`: each field's range
+(`check_field`, which the absl flag validators call too) and the rules that tie
+fields together. This module imports neither TensorFlow nor Keras, so the
+command line can print its help and refuse bad input before loading them.
+
+Flagfiles are absl flagfiles: one `--name=value` per line, `#` comments.
+`TrainConfig.to_flagfile()` writes every field; `read_flagfile` and
+`config_from_strings` read them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Callable, Mapping
+
+OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
+STRATEGY_NAMES = ("default", "mirrored", "multiworker")
+XLA_CHOICES = ("auto", "true", "false")
+LR_SCALING_RULES = ("linear", "sqrt", "none")
+MODEL_NAMES = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
+DATASET_NAMES = ("digits", "mnist1d")
+DATASET_PREFIXES = ("tfds:", "folder:")
+SEED_MAX = 2**31 - 1
+
+# Fields that may differ when a run is resumed in its work directory: they do not
+# change what is trained (more epochs continue the same run).
+RESUMABLE_FIELDS = ("epochs", "verbose")
+
+__all__ = [
+    "DATASET_NAMES",
+    "DATASET_PREFIXES",
+    "LR_SCALING_RULES",
+    "MODEL_NAMES",
+    "OPTIMIZER_NAMES",
+    "RESUMABLE_FIELDS",
+    "STRATEGY_NAMES",
+    "XLA_CHOICES",
+    "TrainConfig",
+    "check_field",
+    "config_from_strings",
+    "read_flagfile",
+    "validate_config",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; written to WORKDIR/flags.txt.
+
+    `FIELD_HELP` says what each field means; `check_field` what it allows.
+    """
+
+    dataset: str = "digits"
+    model: str = "cnn"
+    optimizer: str = "momentum"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    base_batch_size: int = 32
+    base_learning_rate: float = 0.005
+    lr_scaling: str = "linear"
+    warmup_epochs: float = 0.0
+    lr_decay_factor: float = 0.9
+    lr_decay_epochs: tuple[int, ...] = (25, 40)
+    lr_decay_every: int = 10
+    noise_alpha: float = 1e-5
+    noise_gamma: float = 0.55
+    epochs: int = 40
+    seed: int = 0
+    strategy: str = "default"
+    num_devices: int = 0
+    xla: str = "auto"
+    accumulation_steps: int = 1
+    ghost_batch_size: int = 0
+    val_fraction: float = 0.25
+    image_size: int = 0
+    augment: bool = False
+    deterministic: bool = True
+    data_dir: str = ""
+    verbose: int = 1
+
+    def flag_strings(self) -> dict:
+        """The config as `{flag name: value as written in a flagfile}`, one per field."""
+        return {f.name: _to_string(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_flagfile(self) -> str:
+        """The config as absl flag lines, one per field."""
+        return "".join(f"--{name}={value}\n" for name, value in self.flag_strings().items())
+
+    def default_workdir(self) -> str:
+        """`runs/<dataset>-<model>-b<batch>-a<alpha>-s<seed>`."""
+        return os.path.join(
+            "runs",
+            f"{self.dataset.replace(':', '_').replace('/', '_')}-{self.model}"
+            f"-b{self.batch_size}-a{self.noise_alpha:g}-s{self.seed}",
+        )
+
+    def replace(self, **changes) -> TrainConfig:
+        """A validated copy with `changes` applied (typed values, not strings)."""
+        return validate_config(dataclasses.replace(self, **changes))
+
+
+FIELD_HELP = {
+    "dataset": "digits, mnist1d, tfds:NAME or folder:PATH.",
+    "model": "mlp, cnn, cnn1d, resnet20 or resnet50.",
+    "optimizer": "Inner optimizer.",
+    "momentum": "Momentum of momentum/nesterov/rmsprop.",
+    "weight_decay": "Keras' decoupled weight decay (0 = off).",
+    "batch_size": "Global batch size per parameter update.",
+    "base_batch_size": "Batch size the base learning rate was tuned at.",
+    "base_learning_rate": "Learning rate at the base batch size.",
+    "lr_scaling": "Scaling rule of the learning rate with the batch size.",
+    "warmup_epochs": "Gradual warm-up length in epochs (Goyal et al.).",
+    "lr_decay_factor": "Learning-rate multiplier at each decay epoch.",
+    "lr_decay_epochs": "Epochs at which the learning rate decays.",
+    "lr_decay_every": "Decay period in epochs after the last listed one.",
+    "noise_alpha": "Noise variance at t=0 (0 = no noise).",
+    "noise_gamma": "Decay exponent of the noise variance.",
+    "epochs": "Total epochs.",
+    "seed": "Seed of split, order, initialisation and noise.",
+    "strategy": "tf.distribute strategy.",
+    "num_devices": "Devices for mirrored (0 = all).",
+    "xla": "XLA per replica (auto: on for GPUs).",
+    "accumulation_steps": "Micro-batches per parameter update.",
+    "ghost_batch_size": "Ghost BatchNormalization size (0 = plain BatchNormalization).",
+    "val_fraction": "Validation fraction (paper: 3:1).",
+    "image_size": "Image side for tfds/folder datasets (0 = default).",
+    "augment": "Light image augmentation (random crop, flip).",
+    "deterministic": "TensorFlow op determinism.",
+    "data_dir": "TFDS data directory ('' = TFDS default).",
+    "verbose": "0 silent, 1 progress bar, 2 one line per epoch.",
+}
+
+
+def _to_string(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------
+# Field checks: one table, used by validate_config and by the absl validators
+# ---------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_at_least(minimum: int) -> tuple[Callable, str]:
+    return (lambda v: _is_int(v) and v >= minimum), f"must be >= {minimum}"
+
+
+def _finite_at_least_zero() -> tuple[Callable, str]:
+    return (lambda v: _is_real(v) and math.isfinite(v) and v >= 0), "must be >= 0"
+
+
+def _one_of(names: tuple[str, ...]) -> tuple[Callable, str]:
+    return (lambda v: v in names), f"must be one of {', '.join(names)}"
+
+
+def _dataset_ok(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value in DATASET_NAMES:
+        return True
+    return any(value.startswith(p) and len(value) > len(p) for p in DATASET_PREFIXES)
+
+
+_FIELD_RULES: dict[str, tuple[Callable, str]] = {
+    "dataset": (_dataset_ok, "must be one of digits, mnist1d, tfds:NAME or folder:PATH"),
+    "model": _one_of(MODEL_NAMES),
+    "optimizer": _one_of(OPTIMIZER_NAMES),
+    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": _finite_at_least_zero(),
+    "batch_size": _int_at_least(1),
+    "base_batch_size": _int_at_least(1),
+    "base_learning_rate": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "lr_scaling": _one_of(LR_SCALING_RULES),
+    "warmup_epochs": _finite_at_least_zero(),
+    "lr_decay_factor": (lambda v: _is_real(v) and 0 < v <= 1, "must be in (0, 1]"),
+    "lr_decay_epochs": (
+        lambda v: isinstance(v, tuple) and all(_is_int(e) and e >= 1 for e in v),
+        "must be a comma-separated list of epochs >= 1",
+    ),
+    "lr_decay_every": _int_at_least(1),
+    "noise_alpha": _finite_at_least_zero(),
+    "noise_gamma": _finite_at_least_zero(),
+    "epochs": _int_at_least(1),
+    "seed": (lambda v: _is_int(v) and 0 <= v <= SEED_MAX, "must be in [0, 2**31 - 1]"),
+    "strategy": _one_of(STRATEGY_NAMES),
+    "num_devices": _int_at_least(0),
+    "xla": _one_of(XLA_CHOICES),
+    "accumulation_steps": _int_at_least(1),
+    "ghost_batch_size": _int_at_least(0),
+    "val_fraction": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
+    "image_size": _int_at_least(0),
+    "augment": (lambda v: isinstance(v, bool), "must be true or false"),
+    "deterministic": (lambda v: isinstance(v, bool), "must be true or false"),
+    "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
+    "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
+}
+
+
+def field_rule(name: str) -> tuple[Callable, str]:
+    """`(predicate, "must be ...")` of field `name` (for flag validators)."""
+    return _FIELD_RULES[name]
+
+
+def check_field(name: str, value) -> None:
+    """Raises ValueError unless `value` is allowed for field `name`.
+
+    Raises:
+        ValueError: "<name> must be ...; received <name>=<value>."
+    """
+    ok, allowed = _FIELD_RULES[name]
+    if not ok(value):
+        raise ValueError(f"{name} {allowed}; received {name}={value!r}.")
+
+
+def validate_config(config: TrainConfig) -> TrainConfig:
+    """Checks every field's range and the rules between fields; returns `config`.
+
+    Raises:
+        ValueError: naming the field (or fields), the value received and what is allowed.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig; received {type(config).__name__}.")
+    for name in ("model", "optimizer", "dataset"):
+        value = getattr(config, name)
+        if not _FIELD_RULES[name][0](value):
+            valid = {
+                "model": ", ".join(MODEL_NAMES),
+                "optimizer": ", ".join(OPTIMIZER_NAMES),
+                "dataset": ", ".join(DATASET_NAMES) + ", tfds:NAME (e.g. tfds:cifar10) or "
+                "folder:PATH",
+            }[name]
+            raise ValueError(f"Unknown {name}={value!r}; valid: {valid}.")
+    for field in dataclasses.fields(TrainConfig):
+        check_field(field.name, getattr(config, field.name))
+    if config.batch_size % config.accumulation_steps:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not divisible by "
+            f"accumulation_steps={config.accumulation_steps}."
+        )
+    if config.ghost_batch_size and config.ghost_batch_size > config.batch_size:
+        raise ValueError(
+            f"ghost_batch_size={config.ghost_batch_size} exceeds batch_size={config.batch_size}."
+        )
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Flagfiles
+# ---------------------------------------------------------------------------
+
+
+def read_flagfile(path: str) -> dict:
+    """The `--name=value` lines of an absl flagfile (comments and blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is neither a comment nor `--name=value`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"flagfile {path!r} does not exist.")
+    values = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith("--") or "=" not in line:
+                raise ValueError(f"{path}:{number}: expected '--name=value', received {line!r}.")
+            key, value = line[2:].split("=", 1)
+            values[key] = value
+    return values
+
+
+def _from_string(key: str, text: str, default):
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    if isinstance(default, tuple):
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def config_from_strings(values: Mapping[str, str]) -> TrainConfig:
+    """A validated `TrainConfig` from `{field: string}` (flagfile values).
+
+    Raises:
+        ValueError: an unknown field, or a value of the wrong type or range, naming both.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    converted = {}
+    for key, text in values.items():
+        if key not in fields:
+            raise ValueError(f"Unknown flag --{key}; valid: {', '.join(sorted(fields))}.")
+        default = getattr(defaults, key)
+        try:
+            converted[key] = _from_string(key, text, default)
+        except ValueError:
+            raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}.") from None
+    return validate_config(TrainConfig(**converted))

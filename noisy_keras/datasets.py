@@ -1,0 +1,311 @@
+"""Datasets by name: digits, mnist1d, tfds:NAME and folder:PATH.
+
+`load_dataset(name)` loads a classification dataset into memory and returns a
+frozen `noisy_keras.data.ClassificationData`, whose methods make the `tf.data`
+pipelines. Names:
+
+* ``digits`` (default): scikit-learn's bundled handwritten digits (1,797 real
+  8x8 scans, offline), as 8x8x1 images, split stratified 3:1 into
+  train/validation from `seed` like the paper.
+* ``mnist1d``: MNIST-1D (Greydanus 2020), generated procedurally by the
+  `mnist1d` package with its published settings (no download): 4,000 train and
+  1,000 test 40-long signals, shape (40, 1). Its own test split is the
+  validation split here; `val_fraction` and `seed` do not change it.
+* ``tfds:NAME`` (``tfds:cifar10``, ``tfds:caltech101``, ...): any TFDS image
+  classification dataset with ``image`` and ``label`` features, prepared by TFDS
+  itself in `data_dir` (downloaded when not there yet). Its ``validation``
+  split is used when it has one; otherwise its ``train`` split is split
+  stratified by `val_fraction` (3:1 by default). Its ``test`` split is not used.
+* ``folder:PATH``: a class-per-subfolder image tree (the layout of
+  Caltech101's ``101_ObjectCategories``): every subfolder of PATH is a class
+  (sorted by name), every ``.jpg/.jpeg/.png/.bmp/.gif`` file in it an example,
+  decoded as RGB; split stratified by `val_fraction`.
+
+Normalization: digits are divided by 16 (their maximum), images (TFDS, folder)
+by 255, so inputs lie in [0, 1]; MNIST-1D keeps the package's standardization
+(zero mean, unit standard deviation over the whole dataset). Images are stored
+as uint8 and converted per batch. Images of differing sizes (and any dataset
+given `image_size`) are resized with bilinear, antialiased resampling to
+`image_size` x `image_size` (default 224, the ResNet-50 input).
+
+Everything is held in memory (Caltech101 at 224x224: about 1.4 GB as uint8),
+which makes the epoch order a pure function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+import random
+
+import numpy as np
+import tensorflow as tf
+
+from noisy_keras import config
+from noisy_keras._validation import check_int
+from noisy_keras.data import ClassificationData, stratified_split
+
+DEFAULT_IMAGE_SIZE = 224
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# TFDS datasets whose classes change under a horizontal flip (digits, letters).
+NO_FLIP_TFDS_NAMES = ("mnist", "emnist", "kmnist", "binarized_mnist", "svhn_cropped")
+
+
+def load_dataset(
+    name: str = "digits",
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+) -> ClassificationData:
+    """Loads a dataset by name (see the module docstring for the names).
+
+    Args:
+        name: ``digits``, ``mnist1d``, ``tfds:NAME`` or ``folder:PATH``.
+        seed: seed of the train/validation split (digits, TFDS without a
+            validation split, folder), integer >= 0.
+        val_fraction: fraction of each class held out for validation where
+            the split is ours, in (0, 1); the paper's 3:1 is 0.25.
+        data_dir: TFDS data directory (None: TFDS' default).
+        image_size: side in pixels to resize images to (TFDS, folder). None:
+            keep a TFDS dataset's fixed size, else `DEFAULT_IMAGE_SIZE`.
+
+    Returns:
+        A `ClassificationData`.
+
+    Raises:
+        ValueError: unknown name, bad arguments, or an unusable folder.
+        FileNotFoundError: the folder of ``folder:PATH`` does not exist.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string; received name={name!r}.")
+    if not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
+        raise ValueError(
+            f"val_fraction must be a number in (0, 1); received val_fraction={val_fraction!r}."
+        )
+    check_int("seed", seed, 0)
+    if image_size is not None:
+        check_int("image_size", image_size, 1)
+    if name == "digits":
+        return _load_digits(seed, val_fraction)
+    if name == "mnist1d":
+        return _load_mnist1d()
+    if name.startswith("tfds:") and len(name) > len("tfds:"):
+        return _load_tfds(name, seed, val_fraction, data_dir, image_size)
+    if name.startswith("folder:") and len(name) > len("folder:"):
+        return _load_folder(name, seed, val_fraction, image_size)
+    raise ValueError(
+        f"Unknown dataset name={name!r}; valid names are {', '.join(config.DATASET_NAMES)}, "
+        "tfds:NAME (e.g. tfds:cifar10) and folder:PATH."
+    )
+
+
+def _from_split(name, x, y, seed, val_fraction, **fields) -> ClassificationData:
+    train, val = stratified_split(y, val_fraction, seed)
+    return ClassificationData(
+        name=name,
+        x_train=x[train],
+        y_train=y[train],
+        x_val=x[val],
+        y_val=y[val],
+        validation=(f"stratified {val_fraction:g} of the examples of each class, seed {seed}"),
+        **fields,
+    )
+
+
+def _load_digits(seed: int, val_fraction: float) -> ClassificationData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    y = digits.target.astype("int32")
+    return _from_split(
+        "digits",
+        x,
+        y,
+        seed,
+        val_fraction,
+        num_classes=10,
+        class_names=tuple(str(c) for c in range(10)),
+        is_image=True,
+        horizontal_flip=False,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> tuple[np.ndarray, ...]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # make_dataset seeds NumPy's and Python's global generators; restore them.
+    numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    try:
+        raw = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
+    arrays = (
+        raw["x"].astype("float32")[..., None],
+        raw["y"].astype("int32"),
+        raw["x_test"].astype("float32")[..., None],
+        raw["y_test"].astype("int32"),
+    )
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+def _load_mnist1d() -> ClassificationData:
+    x_train, y_train, x_val, y_val = _mnist1d_arrays()
+    return ClassificationData(
+        name="mnist1d",
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        num_classes=10,
+        class_names=tuple(str(c) for c in range(10)),
+        validation="the mnist1d package's own test split (1,000 examples)",
+        is_image=False,
+        horizontal_flip=False,
+    )
+
+
+def _resize_uint8(image, size: tuple[int, int] | None):
+    if size is not None and tuple(image.shape[:2]) != size:
+        image = tf.image.resize(image, size, method="bilinear", antialias=True)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return image
+
+
+def _images_to_numpy(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Collects a dataset of (uint8 image, label) of fixed image shape into arrays."""
+    images, labels = [], []
+    for image_batch, label_batch in dataset.batch(256).as_numpy_iterator():
+        images.append(image_batch)
+        labels.append(label_batch)
+    return np.concatenate(images), np.concatenate(labels).astype("int32")
+
+
+def _tfds_split_names(builder) -> set[str]:
+    """Split names of a prepared TFDS builder (empty when TFDS does not know them)."""
+    return set(builder.info.splits.keys())
+
+
+def _load_tfds(
+    name: str, seed: int, val_fraction: float, data_dir: str | None, image_size: int | None
+) -> ClassificationData:
+    import tensorflow_datasets as tfds
+
+    tfds_name = name[len("tfds:") :]
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ValueError(
+            f"dataset {name!r} needs 'image' and 'label' features for image classification; "
+            f"it has {sorted(features.keys())}."
+        )
+    builder.download_and_prepare()
+    native_shape = tuple(features["image"].shape)
+    if image_size is None and None not in native_shape[:2]:
+        size = None
+        image_shape = native_shape
+    else:
+        side = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+        size = (side, side)
+        image_shape = (side, side, native_shape[2])
+    label_feature = features["label"]
+
+    def read(split):
+        dataset = builder.as_dataset(split=split, as_supervised=False, shuffle_files=False)
+        dataset = dataset.map(
+            lambda example: (
+                tf.ensure_shape(_resize_uint8(example["image"], size), image_shape),
+                example["label"],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return _images_to_numpy(dataset)
+
+    fields = dict(
+        num_classes=int(label_feature.num_classes),
+        class_names=tuple(label_feature.names),
+        is_image=True,
+        horizontal_flip=tfds_name.split("/")[0] not in NO_FLIP_TFDS_NAMES,
+    )
+    split_names = _tfds_split_names(builder)
+    if "validation" in split_names:
+        x_train, y_train = read("train")
+        x_val, y_val = read("validation")
+        return ClassificationData(
+            name=name,
+            x_train=x_train,
+            y_train=y_train,
+            x_val=x_val,
+            y_val=y_val,
+            validation="the dataset's own 'validation' split",
+            **fields,
+        )
+    x, y = read("train")
+    return _from_split(name, x, y, seed, val_fraction, **fields)
+
+
+def _list_image_folder(root: str) -> tuple[list[str], list[int], tuple[str, ...]]:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"Image folder {root!r} does not exist or is not a directory.")
+    class_names = tuple(sorted(entry.name for entry in os.scandir(root) if entry.is_dir()))
+    if not class_names:
+        raise ValueError(
+            f"Image folder {root!r} has no class subfolders; expected one subfolder of "
+            "images per class (PATH/CLASS_NAME/IMAGE.jpg)."
+        )
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = os.path.join(root, class_name)
+        files = sorted(
+            f
+            for f in os.listdir(class_dir)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(class_dir, f))
+        )
+        if not files:
+            raise ValueError(
+                f"Class folder {class_dir!r} has no images (looked for files ending in "
+                f"{', '.join(IMAGE_EXTENSIONS)})."
+            )
+        paths.extend(os.path.join(class_dir, f) for f in files)
+        labels.extend([label] * len(files))
+    return paths, labels, class_names
+
+
+def _load_folder(
+    name: str, seed: int, val_fraction: float, image_size: int | None
+) -> ClassificationData:
+    root = os.path.expanduser(name[len("folder:") :])
+    paths, labels, class_names = _list_image_folder(root)
+    side = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+
+    def decode(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = _resize_uint8(tf.ensure_shape(image, (None, None, 3)), (side, side))
+        return tf.ensure_shape(tf.cast(image, tf.uint8), (side, side, 3)), label
+
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    try:
+        x, y = _images_to_numpy(dataset)
+    except tf.errors.InvalidArgumentError as error:
+        raise ValueError(f"Could not decode an image under {root!r}: {error.message}") from None
+    return _from_split(
+        name,
+        x,
+        y,
+        seed,
+        val_fraction,
+        num_classes=len(class_names),
+        class_names=class_names,
+        is_image=True,
+        horizontal_flip=True,
+    )

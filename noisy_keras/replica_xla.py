@@ -1,0 +1,477 @@
+"""XLA per replica under tf.distribute: the train, test and predict steps of `model.fit`.
+
+`enable_replica_xla(model)` makes `model.fit`, `evaluate` and `predict` run
+each replica's forward and backward pass as one XLA computation, with the
+gradient all-reduce and the optimizer update outside it. This is what Keras'
+own `compile(jit_compile=True)` cannot do under `MirroredStrategy`
+(keras-team/keras#19005). The engine also owns gradient accumulation: k
+micro-batches per parameter update, which Keras' own
+`gradient_accumulation_steps` cannot do under `MirroredStrategy`.
+
+References:
+    P. Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in
+    1 Hour", 2017 (global batch = per-replica batch x replicas; mean loss).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from noisy_keras import _keras_internals as internals
+from noisy_keras._validation import check_int
+
+__all__ = ["ATTRIBUTE", "enable_replica_xla", "replica_steps", "replica_xla_functions"]
+
+ATTRIBUTE = "_noisy_keras_replica_xla"
+"""Name of the model attribute holding its per-replica steps."""
+
+
+# ---------------------------------------------------------------------------
+# XLA per replica
+# ---------------------------------------------------------------------------
+
+
+def _values(variables) -> list:
+    """Current values of `variables`, read on this replica's device."""
+    return [tf.convert_to_tensor(v.value) for v in variables]
+
+
+def _assign(variables, values) -> None:
+    """Writes back the values a stateless call changed (None: unchanged)."""
+    for variable, value in zip(variables, values, strict=True):
+        if value is not None:
+            variable.assign(value)
+
+
+def _changed(old_values, new_values) -> list:
+    """New values, with None where the stateless call returned the input unchanged."""
+    return [None if new is old else new for old, new in zip(old_values, new_values, strict=True)]
+
+
+def _mean_over_replicas(values) -> list:
+    """Averages the changed floating-point values over the replicas in sync.
+
+    A replica updates BatchNormalization's moving statistics from its own
+    batch; Keras 3 creates them with aggregation "none", so each replica's
+    copy would drift apart (and a checkpoint would keep only the first). The
+    moving average is linear in the batch statistics, so averaging the new
+    values over replicas at each step gives every replica the moving average
+    of the replica-mean statistics (what tf.keras' MEAN aggregation did).
+    Integer state (RNG seeds) advances identically on every replica and is
+    left as is.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    positions = [i for i, v in enumerate(values) if v is not None and v.dtype.is_floating]
+    if not positions:
+        return values
+    reduced = context.all_reduce(tf.distribute.ReduceOp.MEAN, [values[i] for i in positions])
+    values = list(values)
+    for i, v in zip(positions, reduced, strict=True):
+        values[i] = v
+    return values
+
+
+def _batch_size(x):
+    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+
+class _ReplicaXLASteps:
+    """The train, test and predict steps of one model, with a pure XLA core.
+
+    Each step splits in two. The core is a `tf.function(jit_compile=True)`
+    that is pure: it receives the values of the model's trainable,
+    non-trainable and metric variables as tensors, runs `model.stateless_call`
+    and the compiled loss (under a `GradientTape` when training), and returns
+    the loss, the gradients, the predictions and the new values of the
+    non-trainable and metric variables (BatchNormalization statistics, RNG
+    state, per-output loss trackers). Because it captures no variable, each
+    replica compiles and runs it on its own device. Around the core, in the
+    replica context but outside XLA, the step writes those new values back,
+    updates the metrics and calls `optimizer.apply`, whose SUM all-reduce of
+    the gradients is thereby left to `tf.distribute` (NCCL on GPUs).
+
+    Loss semantics follow Keras' TensorFlow trainer: the compiled loss of a
+    replica's batch is multiplied by 1 / num_replicas before the SUM
+    all-reduce, so the applied gradient is the gradient of the mean loss over
+    the global batch (Keras' TensorFlow trainer scales `add_loss` and
+    regularizer terms the same way), and `optimizer.scale_loss` is applied to
+    it (mixed precision).
+
+    Gradient accumulation over k steps (Keras' own `gradient_accumulation_steps`
+    calls `merge_call` inside a `tf.cond` and fails under MirroredStrategy)
+    is done here: k-1 "accumulate" steps add each replica's gradients to
+    replica-local accumulators, and every k-th "update" step applies the
+    average (accumulated + current) / k with `optimizer.apply`, which
+    all-reduces it. Which of the two compiled steps runs is decided on the
+    host, so no synchronisation point sits inside control flow.
+    """
+
+    def __init__(self, model: keras.Model, jit_compile: bool = True, accumulation_steps: int = 1):
+        self.model = model
+        self.jit_compile = jit_compile
+        self.accumulation_steps = accumulation_steps
+        self.accumulators = None
+        if accumulation_steps > 1:
+            # Replica-local (ON_READ) accumulators: each replica sums its own gradients.
+            with model.distribute_strategy.scope():
+                self.accumulators = [
+                    tf.Variable(
+                        tf.zeros(v.shape, v.dtype),
+                        trainable=False,
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.SUM,
+                        name="gradient_accumulator",
+                    )
+                    for v in model.trainable_variables
+                ]
+        has_training_arg = internals.call_has_training_arg(model)
+        self._call_kwargs = {"training": True} if has_training_arg else {}
+        self._eval_kwargs = {"training": False} if has_training_arg else {}
+
+        def compiled(fn):
+            return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+
+        self.loss_and_gradients = compiled(self._loss_and_gradients)
+        self.loss_and_predictions = compiled(self._loss_and_predictions)
+        self.predictions = compiled(self._predictions)
+
+    # ---- pure cores (compiled) ----------------------------------------------
+
+    def _forward_and_loss(self, trainable, non_trainable, metrics, x, y, sample_weight, kwargs):
+        model = self.model
+        old_non_trainable, old_metrics = list(non_trainable), list(metrics)
+        y_pred, non_trainable, extra_losses = model.stateless_call(
+            trainable, non_trainable, x, return_losses=True, **kwargs
+        )
+        # compute_loss reads model.losses: hand it the forward pass' ones.
+        with internals.losses_override(model, extra_losses):
+            loss, (_, non_trainable, metrics) = model.stateless_compute_loss(
+                trainable,
+                non_trainable,
+                metrics,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=kwargs.get("training", True),
+            )
+        non_trainable = _changed(old_non_trainable, non_trainable)
+        metrics = _changed(old_metrics, metrics)
+        return loss, y_pred, non_trainable, metrics
+
+    def _loss_and_gradients(self, trainable, non_trainable, metrics, loss_scale, x, y, sw):
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            loss, y_pred, non_trainable, metrics = self._forward_and_loss(
+                trainable, non_trainable, metrics, x, y, sw, self._call_kwargs
+            )
+            scaled_loss = loss * tf.cast(loss_scale, loss.dtype)
+        gradients = tape.gradient(scaled_loss, trainable)
+        return loss, gradients, y_pred, non_trainable, metrics
+
+    def _loss_and_predictions(self, trainable, non_trainable, metrics, x, y, sw):
+        loss, y_pred, non_trainable, metrics = self._forward_and_loss(
+            trainable, non_trainable, metrics, x, y, sw, self._eval_kwargs
+        )
+        return loss, y_pred, non_trainable, metrics
+
+    def _predictions(self, trainable, non_trainable, x):
+        y_pred, _ = self.model.stateless_call(trainable, non_trainable, x, **self._eval_kwargs)
+        return y_pred
+
+    # ---- steps (replica context, outside XLA) ---------------------------------
+
+    def _update_metrics(self, loss, x, y, y_pred, sample_weight):
+        model = self.model
+        internals.loss_tracker(model).update_state(
+            internals.unscale_loss_for_distribution(loss), sample_weight=_batch_size(x)
+        )
+        logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras reduces multi-worker logs with strategy.reduce(MEAN, axis=0),
+            # which needs an axis: give each scalar one of length 1.
+            logs = tf.nest.map_structure(
+                lambda t: tf.reshape(t, [1]) if t.shape.rank == 0 else t, logs
+            )
+        return logs
+
+    def train_step(self, data):
+        """One step with an optimizer update (the k-th of k when accumulating)."""
+        return self._train_step(data, update=True)
+
+    def accumulate_step(self, data):
+        """One of the first k-1 steps of k: gradients go to the accumulators."""
+        return self._train_step(data, update=False)
+
+    def _train_step(self, data, update):
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if not model.trainable_variables:
+            raise ValueError("The model has no trainable variables; there is nothing to train.")
+        optimizer = model.optimizer
+        # Keras' optimizers scale linearly (loss * factor); read the factor here,
+        # outside XLA, since a LossScaleOptimizer keeps it in a variable.
+        loss_scale = tf.convert_to_tensor(optimizer.scale_loss(tf.constant(1.0, tf.float32)))
+        loss, gradients, y_pred, non_trainable, metrics = self.loss_and_gradients(
+            _values(model.trainable_variables),
+            _values(model.non_trainable_variables),
+            _values(model.metrics_variables),
+            loss_scale,
+            x,
+            y,
+            sample_weight,
+        )
+        _assign(model.non_trainable_variables, _mean_over_replicas(non_trainable))
+        _assign(model.metrics_variables, metrics)
+        gradients = [
+            tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients
+        ]
+        if self.accumulators is None:
+            optimizer.apply(gradients, model.trainable_variables)
+        elif not update:
+            for accumulator, g in zip(self.accumulators, gradients, strict=True):
+                if g is not None:
+                    accumulator.assign_add(g)
+        else:
+            k = float(self.accumulation_steps)
+            averaged = []
+            for accumulator, g in zip(self.accumulators, gradients, strict=True):
+                averaged.append(None if g is None else (accumulator.read_value() + g) / k)
+            with tf.control_dependencies([a for a in averaged if a is not None]):
+                for accumulator in self.accumulators:
+                    accumulator.assign(tf.zeros_like(accumulator))
+            optimizer.apply(averaged, model.trainable_variables)
+        return self._update_metrics(loss, x, y, y_pred, sample_weight)
+
+    def make_train_function(self, force=False):
+        """Keras' train function; with accumulation, k-1 accumulate steps then an update."""
+        model = self.model
+        if model.train_function is not None and not force:
+            return model.train_function
+        if self.accumulators is None:
+            internals.default_make_train_function(model, force=True)
+            return model.train_function
+        accumulate = internals.make_step_function(model, self.accumulate_step)
+        apply_update = internals.make_step_function(model, self.train_step)
+        k = self.accumulation_steps
+        steps_taken = [0]
+
+        def train_function(iterator):
+            steps_taken[0] += 1
+            step = apply_update if steps_taken[0] % k == 0 else accumulate
+            return step(iterator)
+
+        model.train_function = train_function
+        return train_function
+
+    def test_step(self, data):
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        loss, y_pred, non_trainable, metrics = self.loss_and_predictions(
+            _values(model.trainable_variables),
+            _values(model.non_trainable_variables),
+            _values(model.metrics_variables),
+            x,
+            y,
+            sample_weight,
+        )
+        _assign(model.non_trainable_variables, _mean_over_replicas(non_trainable))
+        _assign(model.metrics_variables, metrics)
+        return self._update_metrics(loss, x, y, y_pred, sample_weight)
+
+    def predict_step(self, data):
+        model = self.model
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.predictions(
+            _values(model.trainable_variables), _values(model.non_trainable_variables), x
+        )
+
+
+def _local_value(strategy, value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return strategy.experimental_local_results(value)[0]
+    return value
+
+
+def _symbolic_build_hook(model: keras.Model):
+    """Keras' `_maybe_symbolic_build`, taking shapes from this worker's first replica.
+
+    Keras reduces a distributed batch with MEAN only to learn its shapes and
+    dtypes; under `MultiWorkerMirroredStrategy` that eager reduce fails
+    ("Attempt to convert a value (PerReplica...) to a Tensor"). The local
+    first replica's batch has the same shapes and dtypes.
+    """
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        strategy = internals.distribute_strategy_or_none(model)
+        if strategy is None:
+            return
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: _local_value(strategy, value), next(it)
+                )
+                break
+        with strategy.scope():
+            internals.symbolic_build(model, data_batch)
+
+    return maybe_symbolic_build
+
+
+def _overridden(model: keras.Model, name: str) -> bool:
+    """Whether the model's class replaces Keras' own `name` method."""
+    own = getattr(type(model), name)
+    return own is not getattr(keras.Model, name)
+
+
+def optimizer_accumulation_steps(optimizer) -> int | None:
+    """Keras' `gradient_accumulation_steps` set anywhere in an optimizer chain (None: none).
+
+    Follows `inner_optimizer` through wrappers (LossScaleOptimizer, NoisyOptimizer).
+    """
+    while optimizer is not None:
+        k = getattr(optimizer, "gradient_accumulation_steps", None)
+        if k:
+            return int(k)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+def _refuse_optimizer_accumulation(optimizer) -> None:
+    k = optimizer_accumulation_steps(optimizer)
+    if k:
+        raise ValueError(
+            f"The optimizer has gradient_accumulation_steps={k}; the engine accumulates "
+            "gradients itself (Keras' own accumulation fails under MirroredStrategy and feeds a "
+            "learning-rate schedule the micro-batch count). Remove it from the optimizer and pass "
+            f"accumulation_steps={k} to enable_replica_xla or noisy_keras.training.fit."
+        )
+
+
+def enable_replica_xla(
+    model: keras.Model, *, jit_compile: bool = True, accumulation_steps: int = 1
+) -> keras.Model:
+    """Makes `model.fit/evaluate/predict` XLA-compile each replica's step.
+
+    Rule: under a `tf.distribute` strategy with R replicas, each replica runs
+    `y_pred, loss, grads = XLA(forward + backward)(its variable values, its
+    batch)`; then, outside XLA, `optimizer.apply(grads)` SUM-all-reduces the
+    gradients over the R replicas and updates every copy of the variables
+    identically. With one device (the default strategy) the same step runs
+    with R = 1. The outer `tf.function` that `fit` builds around
+    `strategy.run` is left uncompiled, which is why this works where Keras'
+    `compile(jit_compile=True)` fails (keras-team/keras#19005): Keras
+    compiles the whole multi-device step, including the other replicas'
+    variables, as one XLA computation on one device.
+
+    Call it after `model.compile(...)` (a later `compile` is fine too: the
+    steps are attached to the model instance, and `jit_compile` is set to
+    False for the outer function). The model must have been built and
+    compiled inside the strategy's scope, as always with tf.distribute. The
+    model's class must not override `train_step`, `test_step` or
+    `predict_step` (their replacement is the point); `compute_loss` and
+    `compute_metrics` overrides are honoured.
+
+    Args:
+        model: a built, compiled `keras.Model` (functional, Sequential or
+            subclassed).
+        jit_compile: False keeps the same step semantics without XLA (to
+            measure XLA's effect, or for ops XLA cannot compile).
+        accumulation_steps: k, gradients of k consecutive steps are averaged
+            into one update (1: none). The engine is the one owner of
+            accumulation: an optimizer with Keras' own
+            `gradient_accumulation_steps` is refused. With k > 1,
+            `optimizer.iterations` (the noise step and the learning-rate
+            schedule's position) counts updates, and the model must use
+            `steps_per_execution=1`.
+
+    Returns:
+        `model` itself, patched in place.
+
+    Raises:
+        ValueError: the model is not compiled or not built, its class
+            overrides a step method, or its optimizer accumulates gradients.
+
+    Example:
+        >>> strategy = noisy_keras.distribute.make_strategy("mirrored")
+        >>> with strategy.scope():
+        ...     model = build_model()
+        ...     model.compile(optimizer=NoisyOptimizer(keras.optimizers.SGD(0.1)),
+        ...                   loss="sparse_categorical_crossentropy")
+        >>> enable_replica_xla(model)
+        >>> model.fit(dataset, epochs=3)
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a keras.Model; received {model!r} of type {type(model).__name__}."
+        )
+    if not model.compiled:
+        raise ValueError(
+            "`model` must be compiled before enable_replica_xla (call model.compile(optimizer=..., "
+            "loss=...) first); received an uncompiled model."
+        )
+    if not model.built:
+        raise ValueError(
+            "`model` must be built before enable_replica_xla (call it on a batch, or give it an "
+            "Input); received an unbuilt model."
+        )
+    for name in ("train_step", "test_step", "predict_step"):
+        if _overridden(model, name):
+            raise ValueError(
+                f"`model`'s class {type(model).__name__} overrides `{name}`; enable_replica_xla "
+                "replaces the step methods and would silently drop it. Allowed: models whose "
+                "class overrides only `call`, `compute_loss` or `compute_metrics`."
+            )
+    if jit_compile not in (True, False):
+        raise ValueError(f"jit_compile must be True or False; received {jit_compile!r}.")
+    k = check_int("accumulation_steps", accumulation_steps, 1)
+    _refuse_optimizer_accumulation(model.optimizer)
+    if k > 1 and model.steps_per_execution != 1:
+        raise ValueError(
+            f"gradient accumulation (k={k}) needs steps_per_execution=1; the model was compiled "
+            f"with steps_per_execution={model.steps_per_execution}."
+        )
+    steps = _ReplicaXLASteps(model, jit_compile=jit_compile, accumulation_steps=k)
+    object.__setattr__(model, ATTRIBUTE, steps)
+    object.__setattr__(model, "make_train_function", steps.make_train_function)
+    internals.replace_symbolic_build(model, _symbolic_build_hook(model))
+    object.__setattr__(model, "train_step", steps.train_step)
+    object.__setattr__(model, "test_step", steps.test_step)
+    object.__setattr__(model, "predict_step", steps.predict_step)
+    model.jit_compile = False
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = None
+    return model
+
+
+def replica_steps(model: keras.Model):
+    """The per-replica steps `enable_replica_xla` attached to `model`, or None."""
+    return getattr(model, ATTRIBUTE, None)
+
+
+def replica_xla_functions(model: keras.Model) -> dict:
+    """The compiled per-replica functions of a model patched by `enable_replica_xla`.
+
+    Returns:
+        `{"train": ..., "test": ..., "predict": ...}`, each a `tf.function`
+        with `jit_compile=True` (inspect it with
+        `experimental_get_tracing_count` or `experimental_get_compiler_ir`).
+
+    Raises:
+        ValueError: `enable_replica_xla` was not applied to `model`.
+    """
+    steps = getattr(model, ATTRIBUTE, None)
+    if steps is None:
+        raise ValueError(
+            f"`model` {model.name!r} has no per-replica XLA steps; call "
+            "enable_replica_xla(model) first."
+        )
+    return {
+        "train": steps.loss_and_gradients,
+        "test": steps.loss_and_predictions,
+        "predict": steps.predictions,
+    }
