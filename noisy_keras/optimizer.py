@@ -100,6 +100,10 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
         Mini-Batch Training of Deep Neural Networks".
     """
 
+    # The constructor's arguments, as the error for an unexpected one lists them
+    # (a subclass with other arguments overrides this).
+    _ARGUMENT_NAMES = ("optimizer", "alpha", "gamma", "seed", "name")
+
     def __init__(
         self,
         optimizer,
@@ -114,15 +118,15 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
                 value = kwargs.pop(arg_name)
                 if value != default:
                     raise ValueError(
-                        f"NoisyOptimizer does not take `{arg_name}` (received "
+                        f"{type(self).__name__} does not take `{arg_name}` (received "
                         f"{arg_name}={value!r}); set `{arg_name}` on the wrapped "
-                        "optimizer instead, e.g. NoisyOptimizer(keras.optimizers.SGD("
+                        f"optimizer instead, e.g. {type(self).__name__}(keras.optimizers.SGD("
                         f"{arg_name}=...))."
                     )
         if kwargs:
             raise ValueError(
-                f"NoisyOptimizer got unexpected argument(s) {sorted(kwargs)}; allowed: "
-                "optimizer, alpha, gamma, seed, name."
+                f"{type(self).__name__} got unexpected argument(s) {sorted(kwargs)}; allowed: "
+                f"{', '.join(self._ARGUMENT_NAMES)}."
             )
         _check_inner_optimizer(optimizer)
         noise_lib.validate_noise_parameters(alpha, gamma, seed)
