@@ -18,9 +18,12 @@ if _keras.backend.backend() != "tensorflow":
 # `model.keras` written by a run loads after a plain `import noisy_keras`.
 from noisy_keras.layers import GhostBatchNormalization
 from noisy_keras.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
+from noisy_keras.matched_noise import MatchedNoiseOptimizer
 from noisy_keras.models import build_model
+from noisy_keras.multiplicative import enable_multiplicative_noise
 from noisy_keras.noise import PAPER_ALPHA, PAPER_GAMMA, noise_stddev, noise_variance, unit_noise
 from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.temperature import temperature_deficit
 
 __version__ = "0.1.0"
 
@@ -28,12 +31,15 @@ __all__ = [
     "PAPER_ALPHA",
     "PAPER_GAMMA",
     "GhostBatchNormalization",
+    "MatchedNoiseOptimizer",
     "NoisyOptimizer",
     "WarmupStepDecay",
     "build_model",
+    "enable_multiplicative_noise",
     "noise_stddev",
     "noise_variance",
     "paper_schedule",
     "scale_learning_rate",
+    "temperature_deficit",
     "unit_noise",
 ]

@@ -7,6 +7,12 @@ all go through the same checks, `validate_config`: each field's range
 fields together. This module imports neither TensorFlow nor Keras, so the
 command line can print its help and refuse bad input before loading them.
 
+Noise kinds (`--noise`): `white` is the default, so a flagfile written before
+the other kinds existed, which sets only `--noise_alpha` (0 meaning no noise),
+means what it meant. `--noise_alpha` belongs to white noise: left unset with
+another kind it is 0 (`default_noise_alpha`), and set to anything else it is
+refused.
+
 Flagfiles are absl flagfiles: one `--name=value` per line, `#` comments.
 `TrainConfig.to_flagfile()` writes every field; `read_flagfile` and
 `config_from_strings` read them back.
@@ -28,6 +34,10 @@ MODEL_NAMES = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
 DATASET_NAMES = ("digits", "mnist1d")
 DATASET_PREFIXES = ("tfds:", "folder:")
 SEED_MAX = 2**31 - 1
+NOISE_KINDS = ("none", "white", "matched", "multiplicative")
+# Models with BatchNormalization (noisy_keras.models.MODELS_WITH_BATCH_NORM; a test keeps
+# the two equal): matched noise without accumulation would split their batches in halves.
+MODELS_WITH_BATCH_NORM = ("resnet20", "resnet50")
 
 # Fields that may differ when a run is resumed in its work directory: they do not
 # change what is trained (more epochs continue the same run).
@@ -38,6 +48,7 @@ __all__ = [
     "DATASET_PREFIXES",
     "LR_SCALING_RULES",
     "MODEL_NAMES",
+    "NOISE_KINDS",
     "OPTIMIZER_NAMES",
     "RESUMABLE_FIELDS",
     "STRATEGY_NAMES",
@@ -45,6 +56,7 @@ __all__ = [
     "TrainConfig",
     "check_field",
     "config_from_strings",
+    "default_noise_alpha",
     "read_flagfile",
     "validate_config",
 ]
@@ -85,6 +97,10 @@ class TrainConfig:
     deterministic: bool = True
     data_dir: str = ""
     verbose: int = 1
+    # ---- Noise kinds (added after the fields above; flags.txt files without them
+    # meant noise="white", noise_batch_size=0, the defaults). ----
+    noise: str = "white"
+    noise_batch_size: int = 0
 
     def flag_strings(self) -> dict:
         """The config as `{flag name: value as written in a flagfile}`, one per field."""
@@ -95,12 +111,20 @@ class TrainConfig:
         return "".join(f"--{name}={value}\n" for name, value in self.flag_strings().items())
 
     def default_workdir(self) -> str:
-        """`runs/<dataset>-<model>-b<batch>-a<alpha>-s<seed>`."""
+        """`runs/<dataset>-<model>-b<batch>-<noise>-s<seed>`, <noise> as in `noise_name`."""
         return os.path.join(
             "runs",
             f"{self.dataset.replace(':', '_').replace('/', '_')}-{self.model}"
-            f"-b{self.batch_size}-a{self.noise_alpha:g}-s{self.seed}",
+            f"-b{self.batch_size}-{self.noise_name()}-s{self.seed}",
         )
+
+    def noise_name(self) -> str:
+        """The noise in names: `a<alpha>` (white), `none`, `<kind>-n<b>` (the other kinds)."""
+        if self.noise == "white":
+            return f"a{self.noise_alpha:g}"
+        if self.noise == "none":
+            return "none"
+        return f"{self.noise}-n{self.noise_batch_size}"
 
     def replace(self, **changes) -> TrainConfig:
         """A validated copy with `changes` applied (typed values, not strings)."""
@@ -121,8 +145,8 @@ FIELD_HELP = {
     "lr_decay_factor": "Learning-rate multiplier at each decay epoch.",
     "lr_decay_epochs": "Epochs at which the learning rate decays.",
     "lr_decay_every": "Decay period in epochs after the last listed one.",
-    "noise_alpha": "Noise variance at t=0 (0 = no noise).",
-    "noise_gamma": "Decay exponent of the noise variance.",
+    "noise_alpha": "White noise variance at t=0 (0 = no noise; --noise=white only).",
+    "noise_gamma": "Decay exponent of the white noise variance.",
     "epochs": "Total epochs.",
     "seed": "Seed of split, order, initialisation and noise.",
     "strategy": "tf.distribute strategy.",
@@ -136,6 +160,19 @@ FIELD_HELP = {
     "deterministic": "TensorFlow op determinism.",
     "data_dir": "TFDS data directory ('' = TFDS default).",
     "verbose": "0 silent, 1 progress bar, 2 one line per epoch.",
+    "noise": (
+        "Gradient noise kind. white: the paper's N(0, alpha/(1+t)^gamma I) (--noise_alpha, "
+        "--noise_gamma; --noise_alpha=0 is none); none; matched: white noise of trace "
+        "s^2 tr(Sigma)/B with tr(Sigma) measured in training; multiplicative: per-example "
+        "loss weights w ~ N(1, s^2) (Wu et al.). For matched and multiplicative, "
+        "s^2 = (B/b)/m - 1 with b = --noise_batch_size and m the learning-rate multiplier of "
+        "--lr_scaling from b to B: none (m=1) s^2 = B/b - 1; sqrt s^2 = sqrt(B/b) - 1; linear "
+        "s^2 = 0, nothing to add (refused unless B = b)."
+    ),
+    "noise_batch_size": (
+        "b, the small batch whose noise temperature matched/multiplicative noise restores "
+        "(1 <= b <= --batch_size; 0 for none/white)."
+    ),
 }
 
 
@@ -214,6 +251,8 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "deterministic": (lambda v: isinstance(v, bool), "must be true or false"),
     "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
     "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
+    "noise": _one_of(NOISE_KINDS),
+    "noise_batch_size": _int_at_least(0),
 }
 
 
@@ -262,7 +301,52 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ValueError(
             f"ghost_batch_size={config.ghost_batch_size} exceeds batch_size={config.batch_size}."
         )
+    _validate_noise(config)
     return config
+
+
+def _validate_noise(config: TrainConfig) -> None:
+    """The rules that tie --noise to --noise_alpha, --noise_batch_size and the recipe."""
+    kind, alpha, small = config.noise, config.noise_alpha, config.noise_batch_size
+    if kind != "white" and alpha != 0:
+        raise ValueError(
+            f"--noise_alpha={alpha!r} sets the white noise's size; with --noise={kind} it must "
+            "be 0 (leave it unset). Use --noise=white for the paper's noise."
+        )
+    if kind in ("none", "white"):
+        if small:
+            raise ValueError(
+                f"--noise_batch_size={small} is for --noise=matched or multiplicative; with "
+                f"--noise={kind} it must be 0."
+            )
+        return
+    if not small:
+        raise ValueError(
+            f"--noise={kind} needs --noise_batch_size=b, the small batch whose gradient noise "
+            "it restores (1 <= b <= --batch_size); received --noise_batch_size=0."
+        )
+    if small > config.batch_size:
+        raise ValueError(
+            f"--noise_batch_size={small} exceeds --batch_size={config.batch_size}; added noise "
+            "can only make a batch noisier: allowed 1 <= b <= --batch_size."
+        )
+    if config.lr_scaling == "linear" and small != config.batch_size:
+        raise ValueError(
+            f"--noise={kind} with --lr_scaling=linear adds nothing: the learning rate already "
+            f"grows B/b = {config.batch_size}/{small} times, which restores the small batch's "
+            "noise temperature (s^2 = (B/b)/m - 1 = 0). Use --lr_scaling=none (the small "
+            "batch's learning rate) or sqrt, or --noise=white / none."
+        )
+    if (
+        kind == "matched"
+        and config.accumulation_steps == 1
+        and config.model in MODELS_WITH_BATCH_NORM
+    ):
+        raise ValueError(
+            f"--noise=matched with --model={config.model} (BatchNormalization) needs "
+            "--accumulation_steps >= 2: without accumulation tr(Sigma) is estimated from two "
+            "halves of each replica's batch, which BatchNormalization would normalize apart."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -323,4 +407,11 @@ def config_from_strings(values: Mapping[str, str]) -> TrainConfig:
             converted[key] = _from_string(key, text, default)
         except ValueError:
             raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}.") from None
+    if "noise_alpha" not in converted:
+        converted["noise_alpha"] = default_noise_alpha(converted.get("noise", defaults.noise))
     return validate_config(TrainConfig(**converted))
+
+
+def default_noise_alpha(noise: str) -> float:
+    """--noise_alpha when it is not given: the paper's 1e-5 for white noise, else 0 (unused)."""
+    return TrainConfig.noise_alpha if noise == "white" else 0.0

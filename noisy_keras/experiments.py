@@ -4,13 +4,25 @@ r"""Grids of configurations x seeds through the main job, with tables and figure
         --flagfiles=flags/repro_digits.flags,flags/repro_mnist1d.flags \
         --batch_sizes=32,64,128,256,512,1024 --alphas=0,1e-5,1e-3,1e-2 --seeds=5
 
-Each cell is (flagfile, batch size, alpha); each cell runs once per seed with
+    python -m noisy_keras.experiments --out=results/kinds --flagfiles=flags/repro_digits.flags \
+        --set=lr_scaling=none --batch_sizes=512 --seeds=5 \
+        --noises=none,white:1e-5,matched:32,multiplicative:32
+
+Each cell is (flagfile, batch size, noise); each cell runs once per seed with
 `noisy_keras.train.train`, in `OUT/runs/<cell>/seed<k>`. A run whose
 `summary.json` says "done" is never redone, so an interrupted grid resumes where
 it stopped when the same command is run again (a run killed half-way resumes
 from its last checkpoint). After training, the sharpness of each run (top
 Hessian eigenvalue of the training loss on a fixed subset of training examples,
 Jastrzebski et al. 2018) is measured once and stored next to it.
+
+The noise of a cell is a noise kind of the main job (`--noise`): `--alphas`
+gives white-noise cells (alpha 0 meaning no noise; the original grid), and
+`--noises` any kinds: `none`, `white:ALPHA`, `matched:b`, `multiplicative:b`
+(b the small batch whose noise the kind restores; a bare `matched` takes
+`--default_noise_batch_size`). Run directories, tables and figures name the noise:
+`<flagfile>-b<B>-a<alpha>` for white noise, as before, and `-none`,
+`-matched-n<b>`, `-multiplicative-n<b>` for the others.
 
 Outputs in OUT:
     results.csv      one row per run
@@ -41,12 +53,85 @@ METRICS = ("val_accuracy", "train_accuracy", "gap", "sharpness", "wall_time_s")
 
 
 @dataclasses.dataclass(frozen=True)
+class Noise:
+    """A cell's noise: a `--noise` kind with its alpha (white) or small batch b (others)."""
+
+    kind: str = "white"
+    alpha: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def name(self) -> str:
+        """`a<alpha>`, `none`, `matched-n<b>`, `multiplicative-n<b>` (as in run names)."""
+        if self.kind == "white":
+            return f"a{self.alpha:g}"
+        return "none" if self.kind == "none" else f"{self.kind}-n{self.batch_size}"
+
+    @property
+    def label(self) -> str:
+        """The table's noise column: the alpha for white noise (as before), else the kind."""
+        if self.kind == "white":
+            return f"{self.alpha:g}"
+        return "none" if self.kind == "none" else f"{self.kind} b={self.batch_size}"
+
+    @property
+    def legend(self) -> str:
+        """The figures' name of the noise."""
+        if self.kind == "white":
+            return "no noise" if self.alpha == 0 else f"alpha={self.alpha:g}"
+        return "none" if self.kind == "none" else f"{self.kind} (b={self.batch_size})"
+
+    def config_changes(self) -> dict:
+        """The `TrainConfig` fields this noise sets."""
+        return {"noise": self.kind, "noise_alpha": self.alpha, "noise_batch_size": self.batch_size}
+
+
+def parse_noise(text: str, default_batch_size: int = 0) -> Noise:
+    """One `--noises` entry: `none`, `white:ALPHA`, `matched[:b]` or `multiplicative[:b]`.
+
+    A bare `matched` or `multiplicative` takes b = `default_batch_size`.
+
+    Raises:
+        ValueError: naming the entry and what is allowed.
+    """
+    kind, _, value = text.strip().partition(":")
+    if kind == "none" and not value:
+        return Noise("none")
+    if kind == "white" and _is_number(value, float):
+        return Noise("white", alpha=float(value))
+    if kind in ("matched", "multiplicative") and (not value or _is_number(value, int)):
+        batch_size = int(value) if value else default_batch_size
+        if batch_size < 1:
+            raise ValueError(
+                f"--noises entry {text!r} needs a small batch b >= 1: write {kind}:b (e.g. "
+                f"{kind}:32) or pass --default_noise_batch_size=b."
+            )
+        return Noise(kind, batch_size=batch_size)
+    raise ValueError(
+        f"--noises entry {text!r} is not one of none, white:ALPHA, matched[:b], multiplicative[:b]."
+    )
+
+
+def _is_number(text: str, kind) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
-    """One configuration of a grid: a base flagfile with batch size and alpha overridden."""
+    """One configuration of a grid: a base flagfile with batch size and noise overridden."""
 
     flagfile: str
     batch_size: int
     alpha: float
+    noise: Noise | None = None  # None: white noise of `alpha` (the original grid)
+
+    @property
+    def kind(self) -> Noise:
+        return self.noise if self.noise is not None else Noise("white", alpha=self.alpha)
 
     @property
     def base_name(self) -> str:
@@ -54,13 +139,22 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.base_name}-b{self.batch_size}-a{self.alpha:g}"
+        return f"{self.base_name}-b{self.batch_size}-{self.kind.name}"
 
 
-def grid_cells(flagfiles, batch_sizes, alphas) -> list[Cell]:
-    """The grid's cells in a fixed order: flagfile, then batch size, then alpha."""
+def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
+    """The grid's cells in a fixed order: flagfile, then batch size, then noise.
+
+    Args:
+        flagfiles, batch_sizes: as in `run_grid`.
+        alphas: white-noise alphas (the original grid).
+        noises: `Noise` values (or `--noises` entries), after the alphas.
+    """
+    kinds = [Noise("white", alpha=float(a)) for a in alphas]
+    kinds += [n if isinstance(n, Noise) else parse_noise(n) for n in noises]
     return [
-        Cell(f, int(b), float(a)) for f, b, a in itertools.product(flagfiles, batch_sizes, alphas)
+        Cell(f, int(b), k.alpha, None if k.kind == "white" else k)
+        for f, b, k in itertools.product(flagfiles, batch_sizes, kinds)
     ]
 
 
@@ -89,14 +183,43 @@ def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
     return float(result.eigenvalue)
 
 
+def cell_config(cell: Cell, seed: int, overrides: dict) -> config_lib.TrainConfig:
+    """The validated config of one run: the flagfile, `overrides`, then the cell's values.
+
+    Raises:
+        ValueError: the combination is not allowed, with the cell named.
+    """
+    values = {"verbose": "0", **config_lib.read_flagfile(cell.flagfile), **overrides}
+    try:
+        return config_lib.config_from_strings(values).replace(
+            batch_size=cell.batch_size, seed=seed, **cell.kind.config_changes()
+        )
+    except ValueError as error:
+        raise ValueError(f"cell {cell.name}: {error}") from None
+
+
+def _row(cell: Cell, seed: int, summary: dict, workdir: str) -> dict:
+    return {
+        "cell": cell.name,
+        "base": cell.base_name,
+        "batch_size": cell.batch_size,
+        "noise": cell.kind.kind,
+        "alpha": cell.alpha,
+        "noise_batch_size": cell.kind.batch_size,
+        "noise_label": cell.kind.label,
+        "legend": cell.kind.legend,
+        "seed": seed,
+        "status": summary["status"],
+        **{m: float(summary.get(m, float("nan"))) for m in METRICS},
+        "workdir": workdir,
+    }
+
+
 def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
-    values = {"verbose": "0", **config_lib.read_flagfile(cell.flagfile), **overrides}
-    config = config_lib.config_from_strings(values).replace(
-        batch_size=cell.batch_size, noise_alpha=cell.alpha, seed=seed
-    )
+    config = cell_config(cell, seed, overrides)
     workdir = run_dir(out, cell, seed)
     summary_path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
     summary = workdir_lib.read_json(summary_path)
@@ -107,17 +230,7 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
         workdir_lib.write_json(summary_path, summary)
-    return {
-        "cell": cell.name,
-        "base": cell.base_name,
-        "dataset": config.dataset,
-        "batch_size": cell.batch_size,
-        "alpha": cell.alpha,
-        "seed": seed,
-        "status": summary["status"],
-        **{m: summary.get(m, float("nan")) for m in METRICS},
-        "workdir": workdir,
-    }
+    return {**_row(cell, seed, summary, workdir), "dataset": config.dataset}
 
 
 def summarize_rows(rows: list[dict]) -> list[dict]:
@@ -127,10 +240,19 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
     table = []
     cells = {}
     for row in rows:
-        cells.setdefault((row["base"], row["batch_size"], row["alpha"]), []).append(row)
-    for (base, batch_size, alpha), members in cells.items():
+        key = (row["base"], row["batch_size"], row.get("noise_label", f"{row['alpha']:g}"))
+        cells.setdefault(key, []).append(row)
+    for (base, batch_size, label), members in cells.items():
         done = [r for r in members if r["status"] == "done"]
-        entry = {"base": base, "batch_size": batch_size, "alpha": alpha, "n": len(done)}
+        entry = {
+            "base": base,
+            "batch_size": batch_size,
+            "noise": members[0].get("noise", "white"),
+            "alpha": members[0]["alpha"],
+            "noise_batch_size": members[0].get("noise_batch_size", 0),
+            "noise_label": label,
+            "n": len(done),
+        }
         entry["diverged"] = sum(r["status"] == "diverged" for r in members)
         for metric in METRICS:
             values = [r[metric] for r in done if math.isfinite(r[metric])]
@@ -162,12 +284,12 @@ def _fmt(entry: dict, metric: str, scale: float = 100.0, digits: int = 1) -> str
 def markdown_table(table: list[dict]) -> str:
     """The per-cell table in Markdown: mean ± 95% CI half-width (accuracies in %)."""
     lines = [
-        "| config | B | alpha | n | val acc % | train acc % | gap (pp) | sharpness | time s |",
+        "| config | B | noise | n | val acc % | train acc % | gap (pp) | sharpness | time s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in table:
         lines.append(
-            f"| {e['base']} | {e['batch_size']} | {e['alpha']:g} | {e['n']} | "
+            f"| {e['base']} | {e['batch_size']} | {e['noise_label']} | {e['n']} | "
             f"{_fmt(e, 'val_accuracy')} | {_fmt(e, 'train_accuracy')} | {_fmt(e, 'gap')} | "
             f"{_fmt(e, 'sharpness', 1.0, 2)} | {_fmt(e, 'wall_time_s', 1.0, 0)} |"
         )
@@ -201,7 +323,7 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
         ):
             groups = {}
             for r in done:
-                name = "no noise" if r["alpha"] == 0 else f"alpha={r['alpha']:g}"
+                name = r["legend"]
                 groups.setdefault(name, {}).setdefault(r["batch_size"], []).append(r[metric])
             path = os.path.join(out, f"{prefix}_{base}.png")
             plots.plot_gap_vs_batch_size(groups, path, ylabel=label, title=base)
@@ -210,7 +332,7 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
         curves = {}
         for r in done:
             if r["batch_size"] == largest:
-                name = "no noise" if r["alpha"] == 0 else f"alpha={r['alpha']:g}"
+                name = r["legend"]
                 curves.setdefault(name, []).append(
                     workdir_lib.read_metrics(os.path.join(r["workdir"], workdir_lib.METRICS_FILE))
                 )
@@ -228,8 +350,9 @@ def run_grid(
     out: str,
     flagfiles,
     batch_sizes,
-    alphas,
+    alphas=(),
     seeds,
+    noises=(),
     overrides: dict | None = None,
     shard: tuple[int, int] = (0, 1),
     log=print,
@@ -241,8 +364,10 @@ def run_grid(
         flagfiles: base flagfiles (one per dataset/model recipe).
         batch_sizes: global batch sizes; the learning rate follows each
             flagfile's scaling rule.
-        alphas: noise alphas (0 = no noise).
+        alphas: white-noise alphas (0 = no noise).
         seeds: seeds, e.g. range(5).
+        noises: more cells' noise: `Noise` values or `--noises` entries
+            (`none`, `white:ALPHA`, `matched:b`, `multiplicative:b`).
         overrides: extra `{flag: string}` applied to every run (e.g. epochs).
         shard: (index, count): this process runs every count-th job from index,
             so several processes can share a grid; each writes the tables from
@@ -255,8 +380,12 @@ def run_grid(
     index, count = shard
     if not (isinstance(count, int) and count >= 1 and 0 <= index < count):
         raise ValueError(f"shard must be (index, count) with 0 <= index < count; got {shard!r}.")
-    cells = grid_cells(flagfiles, batch_sizes, alphas)
+    cells = grid_cells(flagfiles, batch_sizes, alphas, noises)
+    if not cells:
+        raise ValueError("The grid has no cells: give at least one alpha or noise.")
     jobs = [(c, s) for c in cells for s in seeds]
+    for cell in cells:  # every combination is checked before anything is written
+        cell_config(cell, next(iter(seeds), 0), overrides or {})
     os.makedirs(out, exist_ok=True)
     start = time.time()
     for number, (cell, seed) in enumerate(jobs):
@@ -280,18 +409,7 @@ def write_reports(out: str, jobs) -> list[dict]:
         )
         if summary is None:
             continue
-        rows.append(
-            {
-                "cell": cell.name,
-                "base": cell.base_name,
-                "batch_size": cell.batch_size,
-                "alpha": cell.alpha,
-                "seed": seed,
-                "status": summary["status"],
-                **{m: float(summary.get(m, float("nan"))) for m in METRICS},
-                "workdir": run_dir(out, cell, seed),
-            }
-        )
+        rows.append(_row(cell, seed, summary, run_dir(out, cell, seed)))
     if not rows:
         return rows
     _write_csv(
@@ -317,6 +435,18 @@ def define_flags() -> None:
     )
     flags.DEFINE_list("batch_sizes", ["32", "128", "512", "1024"], "Global batch sizes.")
     flags.DEFINE_list("alphas", ["0", "1e-5", "1e-4", "1e-3"], "Noise alphas (0 = none).")
+    flags.DEFINE_list(
+        "noises",
+        [],
+        "Noise kinds instead of --alphas: none, white:ALPHA, matched:b, multiplicative:b "
+        "(b = the small batch to emulate; matched and multiplicative need --lr_scaling none or "
+        "sqrt in the flagfile or --set).",
+    )
+    flags.DEFINE_integer(
+        "default_noise_batch_size",
+        0,
+        "b for the --noises entries given as a bare matched or multiplicative.",
+    )
     flags.DEFINE_integer("seeds", 5, "Seeds per cell: 0..seeds-1.")
     flags.DEFINE_multi_string("set", [], "Override for every run, e.g. --set=epochs=5.")
     flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job starting at i.")
@@ -344,6 +474,11 @@ def main(argv) -> int:
             overrides[key.lstrip("-")] = value
         batch_sizes = [int(b) for b in FLAGS.batch_sizes]
         alphas = [float(a) for a in FLAGS.alphas]
+        noises = [parse_noise(n, FLAGS.default_noise_batch_size) for n in FLAGS.noises]
+        if noises:
+            if FLAGS["alphas"].present:
+                raise ValueError("Give --alphas or --noises, not both (white:ALPHA is a noise).")
+            alphas = []
         if FLAGS.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
         for path in FLAGS.flagfiles:
@@ -353,6 +488,7 @@ def main(argv) -> int:
             flagfiles=FLAGS.flagfiles,
             batch_sizes=batch_sizes,
             alphas=alphas,
+            noises=noises,
             seeds=list(range(FLAGS.seeds)),
             overrides=overrides,
             shard=_parse_shard(FLAGS.shard),

@@ -66,10 +66,12 @@ _ATTRIBUTE = "_noisy_keras_multiplicative_noise"
 __all__ = [
     "MultiplicativeNoise",
     "WEIGHTS_KEY_SALT",
+    "active_multiplicative_noise",
     "disable_multiplicative_noise",
     "enable_multiplicative_noise",
     "example_weights",
     "global_offset",
+    "weighted_sample_weight",
 ]
 
 
@@ -213,8 +215,12 @@ def _check_loss_reductions(model) -> None:
             )
 
 
-def _weighted(sample_weight, weights):
-    """The user's sample weights times the example weights (or the example weights alone)."""
+def weighted_sample_weight(sample_weight, weights):
+    """The user's sample weights times the example weights (or the example weights alone).
+
+    Each leaf of `sample_weight` (None, or a tensor whose first axis is the
+    batch) is multiplied example by example by `weights` (shape [batch]).
+    """
     if sample_weight is None:
         return weights
 
@@ -245,8 +251,12 @@ def enable_multiplicative_noise(
     Patches the compiled model's `compute_loss` so that, when training, the
     sample weights are multiplied by `example_weights` of the update step t
     (`model.optimizer.iterations`) and of the examples' global positions
-    (`global_offset` of the replica, `tf.distribute`'s `replica_id_in_sync_group`,
-    and of the micro-batch under the optimizer's `gradient_accumulation_steps`).
+    (`global_offset` of the replica, `tf.distribute`'s `replica_id_in_sync_group`).
+    The same holds under the engine (`noisy_keras.replica_xla.enable_replica_xla`,
+    `noisy_keras.training.fit`), applied before or after this call: there the
+    pure XLA core multiplies the weights in itself, given t and the offset of
+    replica r's share of micro-batch m (`noisy_keras.noise_hooks`), and the
+    patched `compute_loss` steps aside, so the weights enter once.
     Evaluation and validation losses are the plain ones; the training loss that
     `fit` logs is the weighted one. A user's `sample_weight` is multiplied, not
     replaced. Keras' "sum_over_batch_size" reduction divides the weighted sum
@@ -262,9 +272,9 @@ def enable_multiplicative_noise(
 
     Args:
         model: a compiled `keras.Model` whose `compute_loss` takes `training`.
-        batch_size: B, examples per parameter update: `fit`'s batch size times the
-            optimizer's `gradient_accumulation_steps`; divisible by the number of
-            replicas times the accumulation steps.
+        batch_size: B, examples per parameter update (the global batch: `fit`'s
+            batch size, times the engine's accumulation steps k); divisible by the
+            number of replicas times k.
         small_batch_size: b, the batch whose noise temperature is the target.
         lr_multiplier: m, the learning rate's multiplier at B relative to b (see
             `temperature.lr_multiplier_for_rule`).
@@ -317,11 +327,6 @@ def enable_multiplicative_noise(
             f"{type(model).__name__}.compute_loss takes no `training` argument, so the noise "
             "could not be kept out of evaluation; add `training=True` to its signature."
         )
-    if _uses_replica_xla(model):
-        raise ValueError(
-            "enable_multiplicative_noise does not work with enable_replica_xla yet: the "
-            "engine's pure XLA core must pass the update step and the position offset itself."
-        )
     _check_loss_reductions(model)
     k = _optimizer_accumulation_steps(model.optimizer)
     if k:
@@ -331,25 +336,34 @@ def enable_multiplicative_noise(
             "micro-batch draws the weights of its positions in the global batch."
         )
 
+    if _uses_replica_xla(model):
+        from noisy_keras import noise_hooks
+
+        noise_hooks.check_multiplicative_layout(model, settings)
+
     plain_compute_loss = model.compute_loss
 
     def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if training:
-            sample_weight = _weighted(sample_weight, _training_weights(model, settings, y_pred))
+        # Under the engine its pure XLA core weights the examples itself, with the
+        # step and offset it is given (noisy_keras.noise_hooks): one owner, weighted once.
+        if training and not _uses_replica_xla(model):
+            weights = _training_weights(model, settings, y_pred)
+            sample_weight = weighted_sample_weight(sample_weight, weights)
         return plain_compute_loss(x, y, y_pred, sample_weight, training=training)
 
     model.compute_loss = compute_loss
     setattr(model, _ATTRIBUTE, settings)
+    model.train_function = None  # a train function traced before would not weight the examples
     return settings
 
 
+def active_multiplicative_noise(model) -> MultiplicativeNoise | None:
+    """The settings `enable_multiplicative_noise` put in force on `model` (None: none, s^2 = 0)."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
 def _training_weights(model, settings: MultiplicativeNoise, y_pred) -> tf.Tensor:
-    """The weights of this replica's examples in this training step (traced once per function)."""
-    if _uses_replica_xla(model):
-        raise ValueError(
-            "enable_multiplicative_noise does not work with enable_replica_xla yet: the "
-            "engine's pure XLA core must pass the update step and the position offset itself."
-        )
+    """The weights of this replica's examples in a step of Keras' own `fit` (traced once)."""
     step = tf.convert_to_tensor(model.optimizer.iterations)
     micro_batch, micro_batches = 0, 1
     context = tf.distribute.get_replica_context()

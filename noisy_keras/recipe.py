@@ -9,7 +9,11 @@ at `base_batch_size` is scaled to `batch_size` (linear, Goyal et al. 2017; or
 sqrt, Hoffer et al. 2017), optionally warmed up, and multiplied by
 `lr_decay_factor` at epochs 25, 40 and every 10 epochs after; Gaussian noise of
 variance `noise_alpha / (1 + t)^noise_gamma` is added to every gradient by
-`NoisyOptimizer`.
+`NoisyOptimizer`. Other noise kinds (`noise`): none, covariance-matched white
+noise (`MatchedNoiseOptimizer`) and multiplicative per-example noise
+(`enable_multiplicative_noise`, on the compiled model), both sized by the
+temperature deficit s^2 = (B/b)/m - 1 at the learning-rate multiplier m of the
+run's scaling rule from b = `noise_batch_size` to B (`noise_lr_multiplier`).
 """
 
 from __future__ import annotations
@@ -18,17 +22,22 @@ from collections.abc import Callable
 
 import keras
 
-from noisy_keras import data, datasets, lr, models
+from noisy_keras import data, datasets, lr, models, temperature
 from noisy_keras.config import TrainConfig
+from noisy_keras.matched_noise import MatchedNoiseOptimizer
+from noisy_keras.multiplicative import enable_multiplicative_noise
 from noisy_keras.optimizer import NoisyOptimizer
 
 __all__ = [
+    "NOISE_WRAPPERS",
     "OPTIMIZER_BUILDERS",
+    "add_model_noise",
     "build_compiled_model",
     "load_data",
     "make_model",
     "make_optimizer",
     "make_schedule",
+    "noise_lr_multiplier",
 ]
 
 
@@ -53,17 +62,62 @@ OPTIMIZER_BUILDERS: dict[str, Callable[[TrainConfig, object], keras.optimizers.O
 """Inner optimizers by `--optimizer` name: (config, learning rate or schedule) -> optimizer."""
 
 
+def noise_lr_multiplier(config: TrainConfig) -> float:
+    """m = eta_B / eta_b of the run's scaling rule, b = `noise_batch_size` (1 if unset)."""
+    return temperature.lr_multiplier_for_rule(
+        config.lr_scaling, config.batch_size, config.noise_batch_size or config.batch_size
+    )
+
+
+def _plain(config: TrainConfig, inner) -> NoisyOptimizer:
+    # alpha = 0: updates bit-identical to the inner optimizer's, same class as the others.
+    return NoisyOptimizer(inner, alpha=0.0, gamma=config.noise_gamma, seed=config.seed)
+
+
+NOISE_WRAPPERS: dict[str, Callable[[TrainConfig, keras.optimizers.Optimizer], NoisyOptimizer]] = {
+    "none": _plain,
+    "white": lambda c, inner: NoisyOptimizer(
+        inner, alpha=c.noise_alpha, gamma=c.noise_gamma, seed=c.seed
+    ),
+    "matched": lambda c, inner: MatchedNoiseOptimizer(
+        inner,
+        batch_size=c.batch_size,
+        small_batch_size=c.noise_batch_size,
+        lr_multiplier=noise_lr_multiplier(c),
+        seed=c.seed,
+    ),
+    "multiplicative": _plain,  # the noise is in the model's loss: add_model_noise
+}
+"""The optimizer wrapper of each `--noise` kind: (config, inner optimizer) -> wrapper."""
+
+
 def make_optimizer(config: TrainConfig, learning_rate) -> NoisyOptimizer:
     """The inner optimizer named by `config.optimizer`, wrapped in the run's noise.
 
     Args:
-        config: uses optimizer, momentum, weight_decay, noise_alpha, noise_gamma, seed.
+        config: uses optimizer, momentum, weight_decay, noise, noise_alpha,
+            noise_gamma, noise_batch_size, batch_size, lr_scaling, seed.
         learning_rate: a float or a `LearningRateSchedule` (see `make_schedule`).
     """
     inner = OPTIMIZER_BUILDERS[config.optimizer](config, learning_rate)
-    return NoisyOptimizer(
-        inner, alpha=config.noise_alpha, gamma=config.noise_gamma, seed=config.seed
-    )
+    return NOISE_WRAPPERS[config.noise](config, inner)
+
+
+def add_model_noise(config: TrainConfig, model: keras.Model) -> keras.Model:
+    """Puts the run's multiplicative noise on the compiled `model` (other kinds: unchanged).
+
+    w ~ N(1, s^2) per example, s^2 = max(0, (B/b)/m - 1), seeded by `config.seed`
+    (its key is salted apart from the white noise's).
+    """
+    if config.noise == "multiplicative":
+        enable_multiplicative_noise(
+            model,
+            batch_size=config.batch_size,
+            small_batch_size=config.noise_batch_size,
+            lr_multiplier=noise_lr_multiplier(config),
+            seed=config.seed,
+        )
+    return model
 
 
 def make_schedule(config: TrainConfig, updates_per_epoch: int) -> lr.WarmupStepDecay:
@@ -116,4 +170,4 @@ def build_compiled_model(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    return model
+    return add_model_noise(config, model)

@@ -15,10 +15,13 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
+from noisy_keras import noise_hooks
 from noisy_keras._validation import check_int
 
 __all__ = ["ATTRIBUTE", "enable_replica_xla", "replica_steps", "replica_xla_functions"]
@@ -127,6 +130,8 @@ class _ReplicaXLASteps:
                     )
                     for v in model.trainable_variables
                 ]
+        # Noise kinds that need the step (multiplicative weights, matched trace): noise_hooks.
+        self.noise = noise_hooks.EngineNoise(self, self._loss_and_gradients)
         has_training_arg = internals.call_has_training_arg(model)
         self._call_kwargs = {"training": True} if has_training_arg else {}
         self._eval_kwargs = {"training": False} if has_training_arg else {}
@@ -206,7 +211,7 @@ class _ReplicaXLASteps:
         """One of the first k-1 steps of k: gradients go to the accumulators."""
         return self._train_step(data, update=False)
 
-    def _train_step(self, data, update):
+    def _train_step(self, data, update, micro_batch=0):
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not model.trainable_variables:
@@ -215,7 +220,7 @@ class _ReplicaXLASteps:
         # Keras' optimizers scale linearly (loss * factor); read the factor here,
         # outside XLA, since a LossScaleOptimizer keeps it in a variable.
         loss_scale = tf.convert_to_tensor(optimizer.scale_loss(tf.constant(1.0, tf.float32)))
-        loss, gradients, y_pred, non_trainable, metrics = self.loss_and_gradients(
+        core_inputs = (
             _values(model.trainable_variables),
             _values(model.non_trainable_variables),
             _values(model.metrics_variables),
@@ -224,11 +229,20 @@ class _ReplicaXLASteps:
             y,
             sample_weight,
         )
+        # ---- noise kinds (noise_hooks): None, and the plain core, unless one is on ----
+        noise = self.noise.step(micro_batch, x)
+        if noise is None:
+            loss, gradients, y_pred, non_trainable, metrics = self.loss_and_gradients(*core_inputs)
+        else:
+            outputs = self.noise.loss_and_gradients(noise, core_inputs)
+            loss, gradients, y_pred, non_trainable, metrics = outputs
+        # ---- end noise kinds ----
         _assign(model.non_trainable_variables, _mean_over_replicas(non_trainable))
         _assign(model.metrics_variables, metrics)
         gradients = [
             tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients
         ]
+        self.noise.observe(noise, gradients, update, loss_scale)  # matched: once per update
         if self.accumulators is None:
             optimizer.apply(gradients, model.trainable_variables)
         elif not update:
@@ -254,14 +268,27 @@ class _ReplicaXLASteps:
         if self.accumulators is None:
             internals.default_make_train_function(model, force=True)
             return model.train_function
-        accumulate = internals.make_step_function(model, self.accumulate_step)
-        apply_update = internals.make_step_function(model, self.train_step)
         k = self.accumulation_steps
+        # ---- noise kinds: micro-batch m's offset and count enter the step: one function per m.
+        if self.noise.needs_micro_batch_index():
+            functions = [
+                internals.make_step_function(
+                    model, functools.partial(self._train_step, update=m == k - 1, micro_batch=m)
+                )
+                for m in range(k)
+            ]
+        else:
+            accumulate = internals.make_step_function(model, self.accumulate_step)
+            apply_update = internals.make_step_function(model, self.train_step)
+            functions = [accumulate] * (k - 1) + [apply_update]
+        # Step s of this function is micro-batch s mod k. It is made at the start of `fit`
+        # and the engine's checkpoints fall between updates, so s mod k = 0 at every restored
+        # optimizer.iterations, as in the uninterrupted run.
         steps_taken = [0]
 
         def train_function(iterator):
+            step = functions[steps_taken[0] % k]
             steps_taken[0] += 1
-            step = apply_update if steps_taken[0] % k == 0 else accumulate
             return step(iterator)
 
         model.train_function = train_function
@@ -388,12 +415,21 @@ def enable_replica_xla(
             schedule's position) counts updates, and the model must use
             `steps_per_execution=1`.
 
+    Noise kinds that need the step itself are applied here
+    (`noisy_keras.noise_hooks`): multiplicative noise
+    (`enable_multiplicative_noise`, before or after this call) weights each
+    example inside the XLA core by its position in the global batch, and a
+    `MatchedNoiseOptimizer` gets tr(Sigma) estimated from the micro-batches
+    (k >= 2) or from two halves of each replica's batch (k = 1; refused for
+    models with BatchNormalization), once per update.
+
     Returns:
         `model` itself, patched in place.
 
     Raises:
         ValueError: the model is not compiled or not built, its class
-            overrides a step method, or its optimizer accumulates gradients.
+            overrides a step method, its optimizer accumulates gradients, or
+            its noise kind does not fit the layout (`noise_hooks.check_engine_noise`).
 
     Example:
         >>> strategy = noisy_keras.distribute.make_strategy("mirrored")
@@ -434,6 +470,7 @@ def enable_replica_xla(
             f"gradient accumulation (k={k}) needs steps_per_execution=1; the model was compiled "
             f"with steps_per_execution={model.steps_per_execution}."
         )
+    noise_hooks.check_engine_noise(model, k)  # noise kinds the engine must honour
     steps = _ReplicaXLASteps(model, jit_compile=jit_compile, accumulation_steps=k)
     object.__setattr__(model, ATTRIBUTE, steps)
     object.__setattr__(model, "make_train_function", steps.make_train_function)

@@ -3,6 +3,7 @@ r"""The main job: one training run from absl flags, written to a work directory.
     python -m noisy_keras.train                      # digits, small CNN, B=128, noise on
     python -m noisy_keras.train --flagfile=flags/digits_b1024_noise.flags
     noisy-keras-train --dataset=mnist1d --model=cnn1d --batch_size=1024 --noise_alpha=0
+    noisy-keras-train --batch_size=512 --lr_scaling=none --noise=matched --noise_batch_size=32
 
 Only `main()` reads FLAGS: it builds one validated, frozen `TrainConfig`
 (`noisy_keras.config`) and calls `train(config)`, which tests and notebooks
@@ -40,6 +41,7 @@ def define_flags() -> None:
         "lr_scaling": config_lib.LR_SCALING_RULES,
         "strategy": config_lib.STRATEGY_NAMES,
         "xla": config_lib.XLA_CHOICES,
+        "noise": config_lib.NOISE_KINDS,
     }
     for field in dataclasses.fields(TrainConfig):
         name, default = field.name, getattr(defaults, field.name)
@@ -77,6 +79,8 @@ def config_from_flags(flag_values) -> TrainConfig:
         if field.name == "lr_decay_epochs":
             value = tuple(int(s) for s in value)
         values[field.name] = value
+    if not flag_values["noise_alpha"].present:  # white noise's alpha; 0 for the other kinds
+        values["noise_alpha"] = config_lib.default_noise_alpha(values["noise"])
     return config_lib.validate_config(TrainConfig(**values))
 
 

@@ -122,7 +122,9 @@ def prepare_workdir(workdir: str, config: config_lib.TrainConfig, overwrite: boo
     """Creates `workdir`, or checks that the run already in it has the same configuration.
 
     Nothing in an existing work directory is deleted unless `overwrite` is True.
-    Fields in `config_lib.RESUMABLE_FIELDS` may differ (more epochs resume the run).
+    Fields in `config_lib.RESUMABLE_FIELDS` may differ (more epochs resume the run);
+    a field missing from the saved flags.txt (added to `TrainConfig` after the run
+    was made) counts as its default.
 
     Raises:
         ValueError: the work directory holds a run with a different configuration,
@@ -138,7 +140,11 @@ def prepare_workdir(workdir: str, config: config_lib.TrainConfig, overwrite: boo
                 "of noisy_keras.train; choose another --workdir (nothing was deleted)."
             )
         else:
-            saved = config_lib.read_flagfile(flagfile)
+            # A field the saved flags lack was added later; the run had its default.
+            saved = {
+                **config_lib.TrainConfig().flag_strings(),
+                **config_lib.read_flagfile(flagfile),
+            }
             wanted = config.flag_strings()
             differences = [
                 f"{key}: saved {saved.get(key)!r}, now {wanted[key]!r}"

@@ -65,6 +65,18 @@ def test_noise_ratios_are_ratios_of_the_reported_medians(quick_results):
         )
 
 
+def test_noise_kinds_report_every_kind_against_none(quick_results):
+    (case,) = quick_results[0]["noise_kinds"]["cases"]
+    rows = {row["kind"]: row for row in case["kinds"]}
+    assert list(rows) == ["none", "white", "matched", "multiplicative"]
+    assert "Noise kinds through the engine" in quick_results[1]
+    for row in rows.values():
+        assert _positive(row["update_ms"]) and row["updates_timed"] >= 1
+        assert row["ratio"] == pytest.approx(row["update_ms"] / rows["none"]["update_ms"], 1e-12)
+        assert row["overhead_pct"] == pytest.approx(100 * (row["ratio"] - 1), abs=1e-9)
+    assert rows["none"]["ratio"] == 1.0
+
+
 def test_engine_reports_three_paths_with_consistent_throughput(quick_results):
     (case,) = quick_results[0]["engine"]["cases"]
     rows = {row["config"]: row for row in case["configs"]}

@@ -17,6 +17,8 @@ from noisy_keras.matched_noise import (
     MatchedNoiseOptimizer,
     covariance_trace_estimate,
     matched_noise_variance,
+    streaming_spread_update,
+    two_group_trace_estimate,
 )
 
 SHAPES = [(3, 4), (4,), (2, 2, 2)]
@@ -125,6 +127,42 @@ def test_estimator_without_replacement_gives_the_n_minus_1_trace():
     assert abs(mean - covariance_trace(population, unbiased=True)) < 5 * standard_error
     # Not the 1/N trace (12/11 times smaller), which is far off.
     assert abs(mean - covariance_trace(population)) > 5 * standard_error
+
+
+def test_two_group_estimate_is_the_g_2_estimate_and_handles_unequal_groups():
+    rng = np.random.default_rng(4)
+    first, second = (
+        [rng.normal(size=(3, 2)), rng.normal(size=4)],
+        [
+            rng.normal(size=(3, 2)),
+            rng.normal(size=4),
+        ],
+    )
+    equal = float(two_group_trace_estimate(first, second, 6, 6))
+    assert equal == pytest.approx(float(covariance_trace_estimate([first, second], 6)), rel=1e-12)
+    squares = sum(np.sum((a - b) ** 2) for a, b in zip(first, second))
+    # Unequal groups: Var(g_1 - g_2) = Sigma (1/n_1 + 1/n_2).
+    assert float(two_group_trace_estimate(first, second, 3, 5)) == pytest.approx(
+        squares / (1 / 3 + 1 / 5), rel=1e-12
+    )
+
+
+def test_streaming_spread_folds_groups_to_the_two_pass_sum_of_squares():
+    # Groups with a large common mean: Welford's update keeps the spread that the one-pass
+    # sum |g_j|^2 - G |g_bar|^2 loses in float32.
+    rng = np.random.default_rng(5)
+    groups = [(1e3 + rng.normal(size=(4, 3))).astype(np.float32) for _ in range(5)]
+    spread, running = tf.zeros([]), None
+    for m, g in enumerate(groups):
+        spread = streaming_spread_update(spread, None if m == 0 else [running], [g], m)
+        running = g if running is None else running + g
+    exact = np.sum((np.stack(groups, dtype=np.float64) - np.mean(groups, axis=0)) ** 2)
+    assert float(spread) == pytest.approx(exact, rel=1e-4)
+    flat = np.stack(groups).reshape(5, -1).astype(np.float32)
+    one_pass = np.sum(flat**2) - 5 * np.sum(flat.mean(axis=0) ** 2)
+    assert abs(one_pass - exact) > 1e-2 * exact  # the naive formula is far off here
+    assert float(covariance_trace_estimate(groups, 7)) == pytest.approx(7 / 4 * exact, rel=1e-4)
+    assert float(streaming_spread_update(3.0, None, [groups[0]], 0)) == 0.0  # S_0 = 0
 
 
 def test_matched_noise_variance_formula():

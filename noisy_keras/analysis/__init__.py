@@ -8,6 +8,8 @@
 * `gradient_noise`: per-example gradients, tr(Sigma), the 1/B law of the
   mini-batch gradient variance (Jaiswal & Taura, Eq. 3-6) and McCandlish et al.'s
   simple noise scale.
+* `noise_temperature`: the noise temperature each noise kind produces at a
+  large batch against small-batch SGD's (Jaiswal & Taura, Eq. 6-7).
 * `stats`: mean, standard deviation and Student-t confidence interval over seeds.
 * `plots`: accuracy curves, parametric plot, noise comparison, gap vs batch size.
 """
@@ -43,6 +45,11 @@ from noisy_keras.analysis.interpolation import (
     parametric_interpolation,
     recompute_batchnorm_statistics,
 )
+from noisy_keras.analysis.noise_temperature import (
+    NoiseTemperature,
+    measure_noise_temperatures,
+    noise_temperatures,
+)
 from noisy_keras.analysis.plots import (
     history_columns,
     plot_accuracy_curves,
@@ -65,6 +72,7 @@ __all__ = [
     "InterpolationResult",
     "MinibatchVariance",
     "NoiseScaleEstimate",
+    "NoiseTemperature",
     "SharpnessResult",
     "Summary",
     "TraceEstimate",
@@ -81,7 +89,9 @@ __all__ = [
     "interpolated_model",
     "lanczos",
     "loss_and_gradient_function",
+    "measure_noise_temperatures",
     "minibatch_gradient_variance",
+    "noise_temperatures",
     "parametric_interpolation",
     "per_example_gradients",
     "plot_accuracy_curves",

@@ -7,7 +7,8 @@ r"""Benchmarks: what the noise costs, what the engine gains, time to accuracy, m
 Prints one Markdown table per part and writes every number to `--out` (JSON).
 Every comparison is a ratio of medians measured side by side in one process
 (`noisy_keras.bench.harness`); the load average before and after each part is
-recorded with it. Parts, one module each: noise (`noise_overhead`), engine,
+recorded with it. Parts, one module each: noise (`noise_overhead`), noise_kinds
+(`noise_kinds`: each noise kind's step time through the engine vs none), engine,
 time_to_accuracy, memory.
 
 References:
@@ -31,6 +32,7 @@ from noisy_keras.bench import harness, report
 
 PART_MODULES = {
     "noise": "noise_overhead",
+    "noise_kinds": "noise_kinds",
     "engine": "engine",
     "memory": "memory",
     "time_to_accuracy": "time_to_accuracy",
@@ -42,7 +44,7 @@ PART_NAMES = tuple(PART_MODULES)
 def run_benchmarks(*, parts: Sequence[str] = PART_NAMES, quick: bool = False) -> dict:
     """Runs the chosen parts and returns their results with the machine's description.
 
-    Parts run in the order noise, engine, memory, time_to_accuracy (the last
+    Parts run in the order noise, noise_kinds, engine, memory, time_to_accuracy (the last
     one enables TensorFlow's op determinism, as the main job does, which would
     otherwise affect the others). For the engine part the CPU must already
     be split into `ENGINE_DEVICES` logical devices when there is no GPU

@@ -54,6 +54,22 @@ def format_tables(results: dict) -> str:
             )
         )  # fmt: skip
         out.append("\n")
+    kinds = results.get("noise_kinds")
+    if kinds:
+        out.append("\n### Noise kinds through the engine (one device): update time vs none\n")
+        out.append(
+            _table(
+                ["model", "B", "XLA", "k", "kind", "update ms", "ratio", "overhead %"],
+                [
+                    [c["model"], c["batch_size"], _fmt(c["xla"]), c["accumulation_steps"],
+                     row["kind"], _fmt(row["update_ms"]), _fmt(row["ratio"], 3),
+                     _fmt(row["overhead_pct"], 1)]
+                    for c in kinds["cases"]
+                    for row in c["kinds"]
+                ],
+            )
+        )  # fmt: skip
+        out.append("\n")
     engine = results.get("engine")
     if engine:
         for case in engine["cases"]:
