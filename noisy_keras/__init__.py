@@ -16,7 +16,9 @@ if _keras.backend.backend() != "tensorflow":
 
 # Importing these modules also registers their Keras-serializable classes, so a
 # `model.keras` written by a run loads after a plain `import noisy_keras`.
+from noisy_keras.lars import LARS
 from noisy_keras.layers import GhostBatchNormalization
+from noisy_keras.losses import SmoothedSparseCategoricalCrossentropy
 from noisy_keras.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
 from noisy_keras.matched_noise import MatchedNoiseOptimizer
 from noisy_keras.models import build_model
@@ -30,9 +32,11 @@ __version__ = "0.1.0"
 __all__ = [
     "PAPER_ALPHA",
     "PAPER_GAMMA",
+    "LARS",
     "GhostBatchNormalization",
     "MatchedNoiseOptimizer",
     "NoisyOptimizer",
+    "SmoothedSparseCategoricalCrossentropy",
     "WarmupStepDecay",
     "build_model",
     "enable_multiplicative_noise",

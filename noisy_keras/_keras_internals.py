@@ -37,6 +37,9 @@ _MODEL_INSTANCE_ATTRIBUTES = (
     "_distribute_strategy",
 )
 
+# Methods of tf.data.Dataset read below.
+_DATASET_METHODS = ("_as_serialized_graph",)
+
 
 def _private(module: str, name: str):
     return getattr(importlib.import_module(module), name)
@@ -58,6 +61,7 @@ def missing_symbols() -> list[str]:
     for name in _MODEL_INSTANCE_ATTRIBUTES:
         if not hasattr(model, name):
             missing.append(f"keras.Model()..{name}")
+    missing += [f"tf.data.Dataset.{n}" for n in _DATASET_METHODS if not hasattr(tf.data.Dataset, n)]
     return missing
 
 
@@ -187,3 +191,16 @@ def disable_op_determinism() -> None:
     no public one.
     """
     _private("tensorflow.python.framework.config", "disable_op_determinism")()
+
+
+def dataset_graph_def(dataset: tf.data.Dataset):
+    """The GraphDef of `dataset`'s pipeline: its ops, functions and constants.
+
+    `tf.data.Dataset._as_serialized_graph`, the serialization tf.data uses to
+    send a pipeline to the tf.data service; TensorFlow has no public one. The
+    tests use it to check what a pipeline holds (a streamed dataset carries
+    file paths, never images).
+    """
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(dataset._as_serialized_graph().numpy())
+    return graph_def

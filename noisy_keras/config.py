@@ -38,6 +38,12 @@ NOISE_KINDS = ("none", "white", "matched", "multiplicative")
 # Models with BatchNormalization (noisy_keras.models.MODELS_WITH_BATCH_NORM; a test keeps
 # the two equal): matched noise without accumulation would split their batches in halves.
 MODELS_WITH_BATCH_NORM = ("resnet20", "resnet50")
+# Data at scale and the ImageNet recipe.
+OPTIMIZER_NAMES = (*OPTIMIZER_NAMES, "lars")  # LARS (You et al. 2017) for batches of 8k-32k
+STREAMING_CHOICES = ("auto", "true", "false")
+PREPROCESSING_NAMES = ("resize", "resnet")
+MODELS_WITH_RESIDUAL_BN = ("resnet20", "resnet50")
+DEFAULT_LARS_EETA = 0.001
 
 # Fields that may differ when a run is resumed in its work directory: they do not
 # change what is trained (more epochs continue the same run).
@@ -50,8 +56,10 @@ __all__ = [
     "MODEL_NAMES",
     "NOISE_KINDS",
     "OPTIMIZER_NAMES",
+    "PREPROCESSING_NAMES",
     "RESUMABLE_FIELDS",
     "STRATEGY_NAMES",
+    "STREAMING_CHOICES",
     "XLA_CHOICES",
     "TrainConfig",
     "check_field",
@@ -101,6 +109,16 @@ class TrainConfig:
     # meant noise="white", noise_batch_size=0, the defaults). ----
     noise: str = "white"
     noise_batch_size: int = 0
+    # Data at scale and the ImageNet recipe: streaming input, ResNet preprocessing, LARS,
+    # label smoothing, no weight decay on BatchNormalization and biases, zero-init residuals.
+    streaming: str = "auto"
+    preprocess: str = "resize"
+    updates_per_epoch: int = 0
+    label_smoothing: float = 0.0
+    weight_decay_exclude_bn_bias: bool = False
+    zero_init_residual: bool = False
+    lars_eeta: float = DEFAULT_LARS_EETA
+    top5_accuracy: bool = False
 
     def flag_strings(self) -> dict:
         """The config as `{flag name: value as written in a flagfile}`, one per field."""
@@ -173,6 +191,15 @@ FIELD_HELP = {
         "b, the small batch whose noise temperature matched/multiplicative noise restores "
         "(1 <= b <= --batch_size; 0 for none/white)."
     ),
+    # Data at scale and the ImageNet recipe.
+    "streaming": "Read tfds/folder images from disk every epoch (auto: when over 2 GiB decoded).",
+    "preprocess": "Image preprocessing: resize (whole image) or resnet (random-resized crop).",
+    "updates_per_epoch": "Parameter updates per epoch (0 = every full batch; fewer: smoke runs).",
+    "label_smoothing": "Label smoothing epsilon of the cross-entropy (0 = off).",
+    "weight_decay_exclude_bn_bias": "No weight decay (nor LARS adaptation) on BN and biases.",
+    "zero_init_residual": "Zero-initialise the last BatchNormalization gamma of each block.",
+    "lars_eeta": "LARS trust coefficient eta (optimizer=lars only).",
+    "top5_accuracy": "Also report top-5 accuracy.",
 }
 
 
@@ -253,6 +280,15 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
     "noise": _one_of(NOISE_KINDS),
     "noise_batch_size": _int_at_least(0),
+    # Data at scale and the ImageNet recipe.
+    "streaming": _one_of(STREAMING_CHOICES),
+    "preprocess": _one_of(PREPROCESSING_NAMES),
+    "updates_per_epoch": _int_at_least(0),
+    "label_smoothing": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay_exclude_bn_bias": (lambda v: isinstance(v, bool), "must be true or false"),
+    "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
+    "lars_eeta": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
 }
 
 
@@ -302,6 +338,7 @@ def validate_config(config: TrainConfig) -> TrainConfig:
             f"ghost_batch_size={config.ghost_batch_size} exceeds batch_size={config.batch_size}."
         )
     _validate_noise(config)
+    _check_scale_fields(config)
     return config
 
 
@@ -346,6 +383,47 @@ def _validate_noise(config: TrainConfig) -> None:
             f"--noise=matched with --model={config.model} (BatchNormalization) needs "
             "--accumulation_steps >= 2: without accumulation tr(Sigma) is estimated from two "
             "halves of each replica's batch, which BatchNormalization would normalize apart."
+        )
+
+
+def _check_scale_fields(config: TrainConfig) -> None:
+    """Rules between the fields of streaming input and the ImageNet recipe (no silent no-ops)."""
+    is_image_files = config.dataset.startswith(DATASET_PREFIXES)
+    if config.streaming == "true" and not is_image_files:
+        raise ValueError(
+            f"streaming=true reads image files; dataset={config.dataset!r} is held in memory. "
+            "Allowed with streaming=true: tfds:NAME and folder:PATH."
+        )
+    if config.preprocess == "resnet":
+        if not is_image_files or config.streaming == "false":
+            raise ValueError(
+                f"preprocess='resnet' crops each decoded image and needs a streamed tfds:NAME or "
+                f"folder:PATH dataset; received dataset={config.dataset!r}, "
+                f"streaming={config.streaming!r}."
+            )
+        if config.augment:
+            raise ValueError(
+                "augment=true adds the translation of preprocess='resize'; preprocess='resnet' "
+                "has its own random-resized crop and flip. Use augment=false."
+            )
+    if config.weight_decay_exclude_bn_bias and not (
+        config.weight_decay > 0 or config.optimizer == "lars"
+    ):
+        raise ValueError(
+            "weight_decay_exclude_bn_bias=true has no effect with weight_decay=0 (it also "
+            f"excludes them from LARS' adaptation); received weight_decay={config.weight_decay!r}, "
+            f"optimizer={config.optimizer!r}."
+        )
+    if config.lars_eeta != DEFAULT_LARS_EETA and config.optimizer != "lars":
+        raise ValueError(
+            f"lars_eeta={config.lars_eeta!r} is used by optimizer='lars' only; received "
+            f"optimizer={config.optimizer!r}."
+        )
+    if config.zero_init_residual and config.model not in MODELS_WITH_RESIDUAL_BN:
+        raise ValueError(
+            f"zero_init_residual=true needs a model with residual blocks ending in "
+            f"BatchNormalization ({', '.join(MODELS_WITH_RESIDUAL_BN)}); received "
+            f"model={config.model!r}."
         )
 
 

@@ -7,6 +7,12 @@ of (seed, epoch) (`epoch_order`), so a run resumed at epoch e sees exactly the
 batches an uninterrupted run saw; `epoch_batches` gives the same form for
 arrays, and `epoch_stream` is the one place where epochs become a stream.
 
+Per-replica input: `train_epochs` returns a `ShardedEpochs`, which
+`noisy_keras.training.fit` hands to `strategy.distribute_datasets_from_function`
+when there are several replicas: each input pipeline (one per worker) reads
+only its replicas' slices of every global batch (`shard_positions`), so the
+global batch, and the training, is the same whatever the number of workers.
+
 Normalization: images stored as uint8 are divided by 255 per batch; float data
 is taken as already normalized.
 """
@@ -22,11 +28,17 @@ import tensorflow as tf
 
 from noisy_keras import config
 from noisy_keras._validation import check_int
+from noisy_keras.input_shards import (
+    InputShard,
+    ShardedEpochs,
+    batch_key,
+    shard_positions,
+)
+from noisy_keras.preprocessing import normalize as _normalize
+from noisy_keras.preprocessing import translate_and_flip
 
 DATASET_NAMES = config.DATASET_NAMES
 DATASET_PREFIXES = config.DATASET_PREFIXES
-# Salt folded into the per-epoch key so augmentation draws differ from the order's.
-_AUGMENT_SALT = 0x5EED
 
 
 def stratified_split(
@@ -176,6 +188,20 @@ def epoch_stream(
         batches = train_data(epoch)
         return batches if batches_per_epoch is None else batches.take(batches_per_epoch)
 
+    if getattr(train_data, "python_epochs", False):
+        # Epochs whose pipeline needs the epoch as a Python int (TFDS' file-order seed):
+        # concatenated lazily, each epoch's reader is opened when the previous one ends.
+        if epochs is None:
+            raise ValueError(
+                "This training data builds each epoch from a Python epoch number (a TFDS "
+                "reader); epoch_stream needs a finite epochs=..., received epochs=None."
+            )
+        stream = None
+        for epoch in range(first_epoch, epochs):
+            stream = one_epoch(epoch) if stream is None else stream.concatenate(one_epoch(epoch))
+        if stream is None:
+            raise ValueError(f"epochs={epochs} must exceed first_epoch={first_epoch}.")
+        return stream.prefetch(tf.data.AUTOTUNE)
     if epochs is None:
         epoch_indices = tf.data.Dataset.counter(start=first_epoch)
     else:
@@ -243,8 +269,8 @@ class ClassificationData:
         seed: int,
         augment: bool = False,
         batches_per_epoch: int | None = None,
-    ):
-        """A function `epoch -> tf.data.Dataset` of that epoch's training batches.
+    ) -> ShardedEpochs:
+        """A function `epoch -> tf.data.Dataset` of that epoch's training batches (`ShardedEpochs`).
 
         Epoch e visits the training examples in the order
         `epoch_permutation(num_train, seed, e)`, cut into ``num_train //
@@ -263,6 +289,10 @@ class ClassificationData:
         and, when `horizontal_flip`, mirrored with probability 1/2; the draws
         are keyed by (seed, epoch, batch index) and so reproducible too.
 
+        Under several replicas `fit` reads it per input pipeline
+        (`ShardedEpochs.for_pipeline`): each pipeline gathers only its
+        replicas' slices of every batch, with the same pixels.
+
         Args:
             batch_size: global batch size, 1 <= batch_size <= num_train.
             seed: integer >= 0.
@@ -271,21 +301,16 @@ class ClassificationData:
                 num_train // batch_size; None: num_train // batch_size.
 
         Returns:
-            A function of the epoch index (a Python int or a scalar integer
-            tensor, e.g. inside `tf.data`) returning a `tf.data.Dataset` of
-            (x float32 (batch_size, *input_shape), y int32 (batch_size,)).
+            A `ShardedEpochs`: a function of the epoch index (a Python int or a
+            scalar integer tensor, e.g. inside `tf.data`) returning a
+            `tf.data.Dataset` of (x float32 (batch_size, *input_shape), y int32
+            (batch_size,)).
         """
         self._check_batch_size(batch_size, self.num_train)
         check_int("seed", seed, 0)
-        full_batches = self.num_train // batch_size
-        if batches_per_epoch is None:
-            batches_per_epoch = full_batches
-        check_int("batches_per_epoch", batches_per_epoch, 1)
-        if batches_per_epoch > full_batches:
-            raise ValueError(
-                f"batches_per_epoch must be at most num_train // batch_size = {full_batches} for "
-                f"{self.name!r}; received batches_per_epoch={batches_per_epoch}."
-            )
+        batches_per_epoch = check_batches_per_epoch(
+            self.name, self.num_train, batch_size, batches_per_epoch
+        )
         if augment and not self.is_image:
             raise ValueError(
                 f"augment=True needs an image dataset; {self.name!r} has examples of shape "
@@ -297,33 +322,28 @@ class ClassificationData:
         seed_tensor = tf.constant(seed, tf.int64)
         flip = self.horizontal_flip
 
-        def load(epoch, batch_index, ids):
-            x = _normalize(tf.gather(x_all, ids))
-            if augment:
-                key = tf.random.experimental.stateless_fold_in(
-                    tf.random.experimental.stateless_fold_in(
-                        tf.stack([seed_tensor, epoch]), _AUGMENT_SALT
-                    ),
-                    batch_index,
-                )
-                x = _augment_images(x, key, flip)
-            return x, tf.gather(y_all, ids)
-
-        def make_epoch(epoch):
+        def make_epoch(shard: InputShard, epoch):
             epoch = tf.cast(epoch, tf.int64)
-            order = epoch_order(num_train, seed_tensor, epoch)
-            batches = (
-                tf.data.Dataset.from_tensor_slices(order)
-                .batch(batch_size, drop_remainder=True)
-                .take(batches_per_epoch)
-            )
-            return batches.enumerate().map(
-                lambda index, ids: load(epoch, index, ids),
-                num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True,
+            positions = shard_positions(batch_size, batches_per_epoch, shard)
+            per_replica = batch_size // shard.num_replicas
+            ids = tf.gather(epoch_order(num_train, seed_tensor, epoch), positions)
+            slices = tf.data.Dataset.from_tensor_slices(tf.reshape(ids, [-1, per_replica]))
+
+            def load(index, slice_ids):
+                x = _normalize(tf.gather(x_all, slice_ids))
+                if augment:
+                    step, local = index // shard.local_replicas, index % shard.local_replicas
+                    first = (shard.first_replica + local) * per_replica
+                    x = translate_and_flip(
+                        x, batch_key(seed_tensor, epoch, step), flip, first, batch_size
+                    )
+                return x, tf.gather(y_all, slice_ids)
+
+            return slices.enumerate().map(
+                load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
             )
 
-        return make_epoch
+        return ShardedEpochs(make_epoch, batch_size=batch_size, batches_per_epoch=batches_per_epoch)
 
     def train_batches(
         self,
@@ -361,6 +381,16 @@ class ClassificationData:
             (x float32 (num_train, *input_shape), y int32 (num_train,)).
         """
         return _normalize(tf.convert_to_tensor(self.x_train)).numpy(), self.y_train
+
+    def train_sample(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `count` training examples in stored order, normalized, unaugmented.
+
+        For measurements that need arrays (Hessian, sharpness, per-example
+        gradients); streamed datasets have the same method.
+        """
+        check_int("count", count, 1)
+        x = self.x_train[:count]
+        return _normalize(tf.convert_to_tensor(x)).numpy(), self.y_train[:count]
 
     def val_batches(self, batch_size: int, pad_remainder: bool = False) -> tf.data.Dataset:
         """The validation examples in their stored order, every one of them, once.
@@ -402,30 +432,15 @@ def _ordered_batches(x, y, batch_size: int, pad_remainder: bool) -> tf.data.Data
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _normalize(x):
-    """uint8 images -> float32 in [0, 1]; float data is already normalized."""
-    if x.dtype == tf.uint8:
-        return tf.cast(x, tf.float32) / 255.0
-    return tf.cast(x, tf.float32)
-
-
-def _augment_images(images, key, flip: bool):
-    """Random translation (zero-padded crop) and optional flip, per image, stateless."""
-    batch, height, width = images.shape[0], images.shape[1], images.shape[2]
-    pad = max(1, round(min(height, width) / 8))
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    keys = [tf.random.experimental.stateless_fold_in(key, i) for i in range(3)]
-    offset_rows = tf.random.stateless_uniform(
-        [batch], keys[0], minval=0, maxval=2 * pad + 1, dtype=tf.int32
-    )
-    offset_cols = tf.random.stateless_uniform(
-        [batch], keys[1], minval=0, maxval=2 * pad + 1, dtype=tf.int32
-    )
-    rows = offset_rows[:, None] + tf.range(height)[None, :]
-    cols = offset_cols[:, None] + tf.range(width)[None, :]
-    images = tf.gather(padded, rows, axis=1, batch_dims=1)
-    images = tf.gather(images, cols, axis=2, batch_dims=1)
-    if flip:
-        mirror = tf.random.stateless_uniform([batch], keys[2]) < 0.5
-        images = tf.where(mirror[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    return images
+def check_batches_per_epoch(name, num_train, batch_size, batches_per_epoch) -> int:
+    """`batches_per_epoch`, or num_train // batch_size when None, checked against that bound."""
+    full_batches = num_train // batch_size
+    if batches_per_epoch is None:
+        return full_batches
+    check_int("batches_per_epoch", batches_per_epoch, 1)
+    if batches_per_epoch > full_batches:
+        raise ValueError(
+            f"batches_per_epoch must be at most num_train // batch_size = {full_batches} for "
+            f"{name!r}; received batches_per_epoch={batches_per_epoch}."
+        )
+    return batches_per_epoch

@@ -28,13 +28,19 @@ as uint8 and converted per batch. Images of differing sizes (and any dataset
 given `image_size`) are resized with bilinear, antialiased resampling to
 `image_size` x `image_size` (default 224, the ResNet-50 input).
 
-Everything is held in memory (Caltech101 at 224x224: about 1.4 GB as uint8),
-which makes the epoch order a pure function of (seed, epoch).
+Images are held in memory (Caltech101 at 224x224: about 1.4 GB as uint8)
+unless `streaming` says otherwise: ``true``, or ``auto`` for a dataset whose
+decoded images exceed `noisy_keras.streaming.IN_MEMORY_LIMIT_BYTES` (2 GiB),
+or the ``resnet`` preprocessing, give a `noisy_keras.streaming.StreamedImageData`
+that reads and decodes the files every epoch (its docstring has the rules for
+epoch order and validation split). Either way the epoch order is a pure
+function of (seed, epoch).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 import random
@@ -42,9 +48,10 @@ import random
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras import config
+from noisy_keras import config, streaming
 from noisy_keras._validation import check_int
 from noisy_keras.data import ClassificationData, stratified_split
+from noisy_keras.preprocessing import resize_uint8
 
 DEFAULT_IMAGE_SIZE = 224
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -59,7 +66,9 @@ def load_dataset(
     val_fraction: float = 0.25,
     data_dir: str | None = None,
     image_size: int | None = None,
-) -> ClassificationData:
+    streaming: str = "auto",
+    preprocess: str = "resize",
+) -> ClassificationData | streaming.StreamedImageData:
     """Loads a dataset by name (see the module docstring for the names).
 
     Args:
@@ -71,9 +80,13 @@ def load_dataset(
         data_dir: TFDS data directory (None: TFDS' default).
         image_size: side in pixels to resize images to (TFDS, folder). None:
             keep a TFDS dataset's fixed size, else `DEFAULT_IMAGE_SIZE`.
+        streaming: "auto", "true" or "false" (tfds and folder datasets; see the
+            module docstring).
+        preprocess: "resize" or "resnet" (`noisy_keras.preprocessing`);
+            "resnet" streams.
 
     Returns:
-        A `ClassificationData`.
+        A `ClassificationData`, or a `noisy_keras.streaming.StreamedImageData`.
 
     Raises:
         ValueError: unknown name, bad arguments, or an unusable folder.
@@ -88,14 +101,32 @@ def load_dataset(
     check_int("seed", seed, 0)
     if image_size is not None:
         check_int("image_size", image_size, 1)
+    for argument, value, allowed in (
+        ("streaming", streaming, config.STREAMING_CHOICES),
+        ("preprocess", preprocess, config.PREPROCESSING_NAMES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{argument} must be one of {allowed}; received {argument}={value!r}.")
+    is_files = name.startswith(config.DATASET_PREFIXES)
+    if (streaming == "true" or preprocess == "resnet") and not is_files:
+        raise ValueError(
+            f"streaming={streaming!r} with preprocess={preprocess!r} needs a tfds:NAME or "
+            f"folder:PATH dataset; {name!r} is held in memory."
+        )
+    if preprocess == "resnet" and streaming == "false":
+        raise ValueError(
+            "preprocess='resnet' crops every decoded image and needs streaming='auto' or 'true'; "
+            "received streaming='false'."
+        )
+    options = {"mode": streaming, "preprocess": preprocess}
     if name == "digits":
         return _load_digits(seed, val_fraction)
     if name == "mnist1d":
         return _load_mnist1d()
     if name.startswith("tfds:") and len(name) > len("tfds:"):
-        return _load_tfds(name, seed, val_fraction, data_dir, image_size)
+        return _load_tfds(name, seed, val_fraction, data_dir, image_size, **options)
     if name.startswith("folder:") and len(name) > len("folder:"):
-        return _load_folder(name, seed, val_fraction, image_size)
+        return _load_folder(name, seed, val_fraction, image_size, **options)
     raise ValueError(
         f"Unknown dataset name={name!r}; valid names are {', '.join(config.DATASET_NAMES)}, "
         "tfds:NAME (e.g. tfds:cifar10) and folder:PATH."
@@ -172,11 +203,16 @@ def _load_mnist1d() -> ClassificationData:
     )
 
 
-def _resize_uint8(image, size: tuple[int, int] | None):
-    if size is not None and tuple(image.shape[:2]) != size:
-        image = tf.image.resize(image, size, method="bilinear", antialias=True)
-        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image
+def _streams(mode: str, preprocess: str, num_images: int | None, image_shape) -> bool:
+    """Whether to stream: asked for, "resnet" preprocessing, or "auto" over the memory limit.
+
+    "auto" holds a dataset of unknown size (TFDS without split sizes) in memory.
+    """
+    if mode == "true" or preprocess == "resnet":
+        return True
+    if mode == "false" or num_images is None:
+        return False
+    return streaming.decoded_bytes(num_images, image_shape) > streaming.IN_MEMORY_LIMIT_BYTES
 
 
 def _images_to_numpy(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -193,9 +229,23 @@ def _tfds_split_names(builder) -> set[str]:
     return set(builder.info.splits.keys())
 
 
+def _tfds_split_size(builder, split: str) -> int | None:
+    """Examples in `split` of a prepared TFDS builder (None when TFDS does not know)."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except KeyError:
+        return None
+
+
 def _load_tfds(
-    name: str, seed: int, val_fraction: float, data_dir: str | None, image_size: int | None
-) -> ClassificationData:
+    name: str,
+    seed: int,
+    val_fraction: float,
+    data_dir: str | None,
+    image_size: int | None,
+    mode: str,
+    preprocess: str,
+):
     import tensorflow_datasets as tfds
 
     tfds_name = name[len("tfds:") :]
@@ -208,7 +258,7 @@ def _load_tfds(
         )
     builder.download_and_prepare()
     native_shape = tuple(features["image"].shape)
-    if image_size is None and None not in native_shape[:2]:
+    if image_size is None and None not in native_shape[:2] and preprocess == "resize":
         size = None
         image_shape = native_shape
     else:
@@ -221,7 +271,7 @@ def _load_tfds(
         dataset = builder.as_dataset(split=split, as_supervised=False, shuffle_files=False)
         dataset = dataset.map(
             lambda example: (
-                tf.ensure_shape(_resize_uint8(example["image"], size), image_shape),
+                tf.ensure_shape(resize_uint8(example["image"], size), image_shape),
                 example["label"],
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -236,6 +286,12 @@ def _load_tfds(
         horizontal_flip=tfds_name.split("/")[0] not in NO_FLIP_TFDS_NAMES,
     )
     split_names = _tfds_split_names(builder)
+    sizes = [_tfds_split_size(builder, s) for s in ("train", "validation") if s in split_names]
+    num_images = sum(sizes) if sizes and None not in sizes else None
+    if _streams(mode, preprocess, num_images, image_shape):
+        return _stream_tfds(
+            name, builder, split_names, val_fraction, image_shape, preprocess, fields
+        )
     if "validation" in split_names:
         x_train, y_train = read("train")
         x_val, y_val = read("validation")
@@ -250,6 +306,42 @@ def _load_tfds(
         )
     x, y = read("train")
     return _from_split(name, x, y, seed, val_fraction, **fields)
+
+
+def _stream_tfds(name, builder, split_names, val_fraction, image_shape, preprocess, fields):
+    """A `StreamedImageData` of a prepared TFDS dataset (split rule: `noisy_keras.streaming`)."""
+    total = _tfds_split_size(builder, "train") if "train" in split_names else None
+    num_val = _tfds_split_size(builder, "validation") if "validation" in split_names else 0
+    if total is None or num_val is None:
+        raise ValueError(
+            f"TFDS reports no size for the 'train' (or 'validation') split of {name!r} (known "
+            f"splits: {sorted(split_names)}); streaming needs it. Prepare the dataset with TFDS, "
+            "or use streaming='false'."
+        )
+    if "validation" in split_names:
+        source = streaming.TfdsSplits(builder, "train", "validation", total, num_val)
+        validation = "the dataset's own 'validation' split"
+    else:
+        num_val = min(max(int(math.floor(val_fraction * total + 0.5)), 1), total - 1)
+        num_train = total - num_val
+        source = streaming.TfdsSplits(
+            builder, f"train[:{num_train}]", f"train[{num_train}:]", num_train, num_val
+        )
+        validation = (
+            f"the last {num_val} examples ({val_fraction:g} of {total}) of its 'train' split in "
+            "TFDS' stored order; not stratified, the same for every seed"
+        )
+    return streaming.StreamedImageData(
+        name=name,
+        source=source,
+        num_classes=fields["num_classes"],
+        class_names=fields["class_names"],
+        validation=validation,
+        horizontal_flip=fields["horizontal_flip"],
+        image_size=int(image_shape[0]),
+        channels=int(image_shape[2] or 3),
+        preprocess=preprocess,
+    )
 
 
 def _list_image_folder(root: str) -> tuple[list[str], list[int], tuple[str, ...]]:
@@ -280,15 +372,25 @@ def _list_image_folder(root: str) -> tuple[list[str], list[int], tuple[str, ...]
 
 
 def _load_folder(
-    name: str, seed: int, val_fraction: float, image_size: int | None
-) -> ClassificationData:
+    name: str,
+    seed: int,
+    val_fraction: float,
+    image_size: int | None,
+    mode: str,
+    preprocess: str,
+):
     root = os.path.expanduser(name[len("folder:") :])
     paths, labels, class_names = _list_image_folder(root)
     side = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    if _streams(mode, preprocess, len(paths), (side, side, 3)):
+        split = stratified_split(np.asarray(labels), val_fraction, seed)
+        return _stream_folder(
+            name, paths, labels, class_names, split, val_fraction, seed, side, preprocess
+        )
 
     def decode(path, label):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image = _resize_uint8(tf.ensure_shape(image, (None, None, 3)), (side, side))
+        image = resize_uint8(tf.ensure_shape(image, (None, None, 3)), (side, side))
         return tf.ensure_shape(tf.cast(image, tf.uint8), (side, side, 3)), label
 
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
@@ -308,4 +410,21 @@ def _load_folder(
         class_names=class_names,
         is_image=True,
         horizontal_flip=True,
+    )
+
+
+def _stream_folder(name, paths, labels, class_names, split, val_fraction, seed, side, preprocess):
+    """A `StreamedImageData` of listed files, split like the in-memory folder (same seed rule)."""
+    paths, labels = np.asarray(paths), np.asarray(labels, np.int32)
+    train, val = split
+    return streaming.StreamedImageData(
+        name=name,
+        source=streaming.FolderFiles(paths[train], labels[train], paths[val], labels[val]),
+        num_classes=len(class_names),
+        class_names=class_names,
+        validation=f"stratified {val_fraction:g} of the examples of each class, seed {seed}",
+        horizontal_flip=True,
+        image_size=side,
+        channels=3,
+        preprocess=preprocess,
     )

@@ -13,14 +13,19 @@ Every model maps inputs to **logits** (no softmax): train with
 
 With `ghost_batch_size`, every `BatchNormalization` is replaced by a
 `GhostBatchNormalization` of that ghost size with the same configuration
-(Hoffer et al. 2017). Weights are initialized from `seed`: each layer's
-initializers get their own seed derived from (seed, layer index), so the same
-seed gives the same weights without touching global random state.
+(Hoffer et al. 2017). With `zero_init_residual`, the last BatchNormalization
+of every residual block starts with gamma = 0 (`RESIDUAL_LAST_BATCH_NORM`), so
+each block starts as its shortcut (Goyal et al. 2017, Sec. 5.1).
+
+Weights are initialized from `seed`: each layer's initializers get their own
+seed derived from (seed, layer index), so the same seed gives the same weights
+without touching global random state.
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Callable
 
 import keras
@@ -33,6 +38,11 @@ from noisy_keras.layers import GhostBatchNormalization
 
 MODEL_NAMES = config.MODEL_NAMES
 MODELS_WITH_BATCH_NORM = ("resnet20", "resnet50")
+RESIDUAL_LAST_BATCH_NORM = {
+    "resnet20": r"^stage\d+_block\d+_2_bn$",
+    "resnet50": r"^conv\d+_block\d+_3_bn$",
+}
+"""Per model, the names of the BatchNormalization layers that end a residual block (re.match)."""
 _INITIALIZER_KEYS = (
     "kernel_initializer",
     "bias_initializer",
@@ -211,11 +221,24 @@ def _layer_seed(seed: int, layer_index: int, key_index: int) -> int:
     return int(np.random.SeedSequence([seed, layer_index, key_index]).generate_state(1)[0])
 
 
-def _seeded_clone(model: keras.Model, seed: int, ghost_batch_size: int | None) -> keras.Model:
-    """Rebuilds `model` with seeded initializers and, optionally, ghost BN."""
+def _seeded_clone(
+    model: keras.Model, seed: int, ghost_batch_size: int | None, zero_gamma: str | None = None
+) -> keras.Model:
+    """Rebuilds `model` with seeded initializers, optionally ghost BN and zero gammas.
+
+    `zero_gamma`: BatchNormalization layers whose name matches it get gamma_initializer zeros.
+    """
     layer_index = {id(layer): index for index, layer in enumerate(model.layers)}
 
     def clone_layer(layer):
+        if (
+            zero_gamma is not None
+            and isinstance(layer, layers.BatchNormalization)
+            and re.match(zero_gamma, layer.name)
+        ):
+            layer = layer.__class__.from_config(
+                {**layer.get_config(), "gamma_initializer": "zeros"}
+            )
         if ghost_batch_size is not None and isinstance(layer, layers.BatchNormalization):
             return GhostBatchNormalization.from_batch_normalization(layer, ghost_batch_size)
         config = layer.get_config()
@@ -237,6 +260,7 @@ def build_model(
     num_classes: int,
     ghost_batch_size: int | None = None,
     seed: int = 0,
+    zero_init_residual: bool = False,
 ) -> keras.Model:
     """Builds a model by name; its outputs are logits.
 
@@ -256,6 +280,10 @@ def build_model(
             BatchNormalization. The per-replica batch size must be a multiple
             of it.
         seed: seed of the weight initialization, integer >= 0.
+        zero_init_residual: start the last BatchNormalization of every residual
+            block with gamma = 0 (`RESIDUAL_LAST_BATCH_NORM`; resnet20 and
+            resnet50), so every block starts as its shortcut (Goyal et al.
+            2017, "zero gamma").
 
     Returns:
         An uncompiled, built `keras.Model`.
@@ -294,5 +322,14 @@ def build_model(
                 "has no BatchNormalization; models with it: "
                 f"{', '.join(MODELS_WITH_BATCH_NORM)}."
             )
+    if zero_init_residual is not False and (
+        zero_init_residual is not True or name not in RESIDUAL_LAST_BATCH_NORM
+    ):
+        raise ValueError(
+            f"zero_init_residual must be True or False, True only for models with residual "
+            f"blocks ({', '.join(RESIDUAL_LAST_BATCH_NORM)}); received "
+            f"zero_init_residual={zero_init_residual!r} for model {name!r}."
+        )
     model = _BUILDERS[name](tuple(int(d) for d in input_shape), int(num_classes))
-    return _seeded_clone(model, int(seed), ghost_batch_size)
+    zero_gamma = RESIDUAL_LAST_BATCH_NORM[name] if zero_init_residual else None
+    return _seeded_clone(model, int(seed), ghost_batch_size, zero_gamma)

@@ -14,6 +14,14 @@ noise (`MatchedNoiseOptimizer`) and multiplicative per-example noise
 (`enable_multiplicative_noise`, on the compiled model), both sized by the
 temperature deficit s^2 = (B/b)/m - 1 at the learning-rate multiplier m of the
 run's scaling rule from b = `noise_batch_size` to B (`noise_lr_multiplier`).
+
+The large-batch ImageNet recipe adds (each a `TrainConfig` field): LARS
+(`optimizer="lars"`, You et al. 2017) with `weight_decay` as its L2
+coefficient; no weight decay (and, for LARS, no layer adaptation) on
+BatchNormalization and bias variables (`weight_decay_exclude_bn_bias`,
+`BN_AND_BIAS_PATTERNS`); zero-initialised last BatchNormalization gamma per
+residual block; label smoothing; top-5 accuracy; streamed input with the
+ResNet preprocessing (`noisy_keras.streaming`).
 """
 
 from __future__ import annotations
@@ -22,23 +30,36 @@ from collections.abc import Callable
 
 import keras
 
-from noisy_keras import data, datasets, lr, models, temperature
+from noisy_keras import datasets, lr, models, temperature
 from noisy_keras.config import TrainConfig
+from noisy_keras.lars import LARS
+from noisy_keras.losses import SmoothedSparseCategoricalCrossentropy
 from noisy_keras.matched_noise import MatchedNoiseOptimizer
 from noisy_keras.multiplicative import enable_multiplicative_noise
 from noisy_keras.optimizer import NoisyOptimizer
 
 __all__ = [
+    "BN_AND_BIAS_PATTERNS",
     "NOISE_WRAPPERS",
     "OPTIMIZER_BUILDERS",
     "add_model_noise",
     "build_compiled_model",
     "load_data",
     "make_model",
+    "make_inner_optimizer",
     "make_optimizer",
     "make_schedule",
     "noise_lr_multiplier",
 ]
+
+BN_AND_BIAS_PATTERNS = (r"(^|/)(gamma|beta|bias)(:\d+)?$",)
+"""Regular expressions (re.search) for BatchNormalization's gamma and beta and every bias.
+
+Matched against `variable.path` ("conv1_bn/gamma") by LARS and, by Keras'
+optimizers on the TensorFlow backend, against the name of the underlying
+`tf.Variable`, which ends in ":0" ("gamma:0"; a pattern ending in "gamma$" would
+silently match nothing). The models' only variables with these names are
+BatchNormalization (and ghost BN) scales and offsets and biases."""
 
 
 def _common(config: TrainConfig, learning_rate) -> dict:
@@ -58,8 +79,31 @@ OPTIMIZER_BUILDERS: dict[str, Callable[[TrainConfig, object], keras.optimizers.O
     "lamb": lambda c, rate: keras.optimizers.Lamb(**_common(c, rate)),
     "rmsprop": lambda c, rate: keras.optimizers.RMSprop(momentum=c.momentum, **_common(c, rate)),
     "lion": lambda c, rate: keras.optimizers.Lion(**_common(c, rate)),
+    # weight_decay is LARS' L2 coefficient: g + weight_decay * w enters the trust ratio.
+    "lars": lambda c, rate: LARS(
+        rate,
+        momentum=c.momentum,
+        weight_decay_rate=c.weight_decay,
+        eeta=c.lars_eeta,
+        exclude_from_weight_decay=(
+            list(BN_AND_BIAS_PATTERNS) if c.weight_decay_exclude_bn_bias else None
+        ),
+    ),
 }
 """Inner optimizers by `--optimizer` name: (config, learning rate or schedule) -> optimizer."""
+
+
+def make_inner_optimizer(config: TrainConfig, learning_rate) -> keras.optimizers.Optimizer:
+    """`OPTIMIZER_BUILDERS[config.optimizer]`, with BN and bias kept out of weight decay if asked.
+
+    For Keras' optimizers `weight_decay_exclude_bn_bias` calls
+    `exclude_from_weight_decay(var_names=BN_AND_BIAS_PATTERNS)`; LARS takes
+    the patterns in its constructor (for weight decay and layer adaptation).
+    """
+    inner = OPTIMIZER_BUILDERS[config.optimizer](config, learning_rate)
+    if config.weight_decay_exclude_bn_bias and config.optimizer != "lars":
+        inner.exclude_from_weight_decay(var_names=list(BN_AND_BIAS_PATTERNS))
+    return inner
 
 
 def noise_lr_multiplier(config: TrainConfig) -> float:
@@ -99,7 +143,7 @@ def make_optimizer(config: TrainConfig, learning_rate) -> NoisyOptimizer:
             noise_gamma, noise_batch_size, batch_size, lr_scaling, seed.
         learning_rate: a float or a `LearningRateSchedule` (see `make_schedule`).
     """
-    inner = OPTIMIZER_BUILDERS[config.optimizer](config, learning_rate)
+    inner = make_inner_optimizer(config, learning_rate)
     return NOISE_WRAPPERS[config.noise](config, inner)
 
 
@@ -135,18 +179,24 @@ def make_schedule(config: TrainConfig, updates_per_epoch: int) -> lr.WarmupStepD
     )
 
 
-def load_data(config: TrainConfig) -> data.ClassificationData:
-    """The dataset named by `config.dataset`, split by `config.seed` and `val_fraction`."""
+def load_data(config: TrainConfig):
+    """The dataset named by `config.dataset`, split by `config.seed` and `val_fraction`.
+
+    A `noisy_keras.data.ClassificationData` in memory, or a
+    `noisy_keras.streaming.StreamedImageData` (`config.streaming`, `config.preprocess`).
+    """
     return datasets.load_dataset(
         config.dataset,
         seed=config.seed,
         val_fraction=config.val_fraction,
         data_dir=config.data_dir or None,
         image_size=config.image_size or None,
+        streaming=config.streaming,
+        preprocess=config.preprocess,
     )
 
 
-def make_model(config: TrainConfig, dataset: data.ClassificationData) -> keras.Model:
+def make_model(config: TrainConfig, dataset) -> keras.Model:
     """The model named by `config.model` for `dataset`'s inputs and classes (uncompiled)."""
     return models.build_model(
         config.model,
@@ -154,20 +204,23 @@ def make_model(config: TrainConfig, dataset: data.ClassificationData) -> keras.M
         num_classes=dataset.num_classes,
         ghost_batch_size=config.ghost_batch_size or None,
         seed=config.seed,
+        zero_init_residual=config.zero_init_residual,
     )
 
 
-def build_compiled_model(
-    config: TrainConfig, dataset: data.ClassificationData, learning_rate
-) -> keras.Model:
+def build_compiled_model(config: TrainConfig, dataset, learning_rate) -> keras.Model:
     """`make_model` compiled with `make_optimizer`, sparse cross-entropy on logits and accuracy.
 
-    Call inside the strategy's scope.
+    With `label_smoothing` > 0 the loss is `SmoothedSparseCategoricalCrossentropy`;
+    with `top5_accuracy` the metrics add "top5_accuracy". Call inside the
+    strategy's scope.
     """
     model = make_model(config, dataset)
-    model.compile(
-        optimizer=make_optimizer(config, learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if config.label_smoothing:
+        loss = SmoothedSparseCategoricalCrossentropy(config.label_smoothing)
+    metrics = ["accuracy"]
+    if config.top5_accuracy:
+        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    model.compile(optimizer=make_optimizer(config, learning_rate), loss=loss, metrics=metrics)
     return add_model_noise(config, model)

@@ -114,6 +114,15 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
     )
     dataset = recipe.load_data(config)
     updates_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    if config.updates_per_epoch:
+        if config.updates_per_epoch > updates_per_epoch:
+            raise ValueError(
+                f"updates_per_epoch={config.updates_per_epoch} exceeds the "
+                f"{updates_per_epoch} full batches of {config.batch_size} in an epoch of "
+                f"{config.dataset!r}; allowed: 0 (all) or 1..{updates_per_epoch}."
+            )
+        updates_per_epoch = config.updates_per_epoch
+    eval_batch_size = evaluation_batch_size(split.step_batch_size, replicas)
     steps_per_epoch = updates_per_epoch * config.accumulation_steps
     schedule = recipe.make_schedule(config, updates_per_epoch)
 
@@ -136,7 +145,7 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         workdir=workdir,
-        validation_data=dataset.val_batches(split.step_batch_size),
+        validation_data=dataset.val_batches(eval_batch_size),
         callbacks=callbacks,
         strategy=strategy,
         xla={"auto": "auto", "true": True, "false": False}[config.xla],
@@ -147,11 +156,9 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
     summary = {"workdir": workdir, "status": result.status, "message": result.message}
     if result.status == "done":
         train_eval = model.evaluate(
-            dataset.train_eval_batches(split.step_batch_size), verbose=0, return_dict=True
+            dataset.train_eval_batches(eval_batch_size), verbose=0, return_dict=True
         )
-        val_eval = model.evaluate(
-            dataset.val_batches(split.step_batch_size), verbose=0, return_dict=True
-        )
+        val_eval = model.evaluate(dataset.val_batches(eval_batch_size), verbose=0, return_dict=True)
         model.save(os.path.join(workdir, workdir_lib.MODEL_FILE))
         summary.update(
             epochs=config.epochs,
@@ -161,6 +168,11 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
             train_loss=float(train_eval["loss"]),
             val_loss=float(val_eval["loss"]),
         )
+        if config.top5_accuracy:
+            summary.update(
+                train_top5_accuracy=float(train_eval["top5_accuracy"]),
+                val_top5_accuracy=float(val_eval["top5_accuracy"]),
+            )
     summary["wall_time_s"] = round(time.time() - start, 1)
     if os.path.exists(metrics_path) and workdir_lib.read_metrics(metrics_path):
         from noisy_keras.analysis import plots
@@ -171,6 +183,25 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
         )
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     return summary
+
+
+EVAL_BATCH_LIMIT = 1024
+"""Largest global batch for validation and the final evaluation (see `evaluation_batch_size`)."""
+
+
+def evaluation_batch_size(step_batch_size: int, replicas: int) -> int:
+    """The global batch of validation and final evaluation: the step batch, at most 1,024.
+
+    Rule: min(step_batch_size, EVAL_BATCH_LIMIT) rounded down to a multiple of
+    `replicas`, and at least `replicas`. Under MultiWorkerMirroredStrategy
+    Keras shards a plain evaluation dataset by data, so every worker reads
+    whole evaluation batches: at B=32,768 a step-sized batch would be 19.7 GB
+    of 224 px float32 images per worker. The batch size does not change what
+    is measured (up to float rounding); runs with batches up to 1,024 are
+    unchanged.
+    """
+    limited = min(step_batch_size, EVAL_BATCH_LIMIT)
+    return max(replicas, limited // replicas * replicas)
 
 
 def summary_line(summary: dict) -> str:

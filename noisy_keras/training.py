@@ -28,7 +28,7 @@ from noisy_keras import checkpointing, data, distribute, replica_xla
 from noisy_keras import workdir as workdir_lib
 from noisy_keras._validation import check_int
 
-__all__ = ["BatchSplit", "FitResult", "fit", "split_global_batch"]
+__all__ = ["BatchSplit", "FitResult", "fit", "split_global_batch", "train_stream"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -105,6 +105,38 @@ def split_global_batch(
         accumulation_steps=accumulation_steps,
         step_batch_size=step,
         per_replica_batch_size=step // num_replicas,
+    )
+
+
+def train_stream(train_data, strategy, first_epoch: int, epochs: int, steps_per_epoch: int):
+    """What `fit` trains on: epochs `first_epoch..epochs-1` of `train_data`, for `model.fit`.
+
+    Rule: a `noisy_keras.data.ShardedEpochs` (e.g. `train_epochs` of a
+    dataset) on several replicas becomes per-worker input,
+    `strategy.distribute_datasets_from_function`: each worker's pipeline reads
+    only its replicas' slices of every global batch (`steps_per_epoch` x its
+    local replicas per-replica batches per epoch). Anything else is one stream
+    of global batches (`noisy_keras.data.epoch_stream`), which Keras splits
+    over the replicas (and, with several workers, auto-shards).
+
+    Returns:
+        A `tf.data.Dataset` or a `tf.distribute.DistributedDataset`.
+    """
+    if isinstance(train_data, data.ShardedEpochs) and strategy.num_replicas_in_sync > 1:
+
+        def pipeline(input_context):
+            epochs_of_pipeline = train_data.for_pipeline(input_context)
+            per_epoch = steps_per_epoch * epochs_of_pipeline.shard.local_replicas
+            return data.epoch_stream(
+                epochs_of_pipeline,
+                first_epoch=first_epoch,
+                epochs=epochs,
+                batches_per_epoch=per_epoch,
+            )
+
+        return strategy.distribute_datasets_from_function(pipeline)
+    return data.epoch_stream(
+        train_data, first_epoch=first_epoch, epochs=epochs, batches_per_epoch=steps_per_epoch
     )
 
 
@@ -289,9 +321,7 @@ def fit(
     if workdir is not None and chief:
         workdir_lib.write_status(workdir, "running", initial_epoch=initial_epoch)
 
-    stream = data.epoch_stream(
-        train_data, first_epoch=initial_epoch, epochs=epochs, batches_per_epoch=steps_per_epoch
-    )
+    stream = train_stream(train_data, strategy, initial_epoch, epochs, steps_per_epoch)
     history = model.fit(
         stream,
         epochs=epochs,

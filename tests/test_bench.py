@@ -37,7 +37,13 @@ def test_quick_run_has_every_part_and_prints_tables(quick_results):
     assert set(bench.PART_NAMES) <= set(results)
     assert results["meta"]["quick"] is True
     assert set(results["meta"]["part_seconds"]) == set(bench.PART_NAMES)
-    for heading in ("Noise overhead", "Engine throughput", "validation accuracy", "memory"):
+    for heading in (
+        "Noise overhead",
+        "Engine throughput",
+        "validation accuracy",
+        "memory",
+        "Streamed folder input",
+    ):
         assert heading in stdout
 
 
@@ -117,6 +123,30 @@ def test_memory_ratio_is_noisy_over_bare(quick_results):
     assert _positive(case["bare_mb"]) and _positive(case["noisy_mb"])
     assert case["ratio"] == pytest.approx(case["noisy_mb"] / case["bare_mb"], rel=1e-12)
     assert case["delta_mb"] == pytest.approx(case["noisy_mb"] - case["bare_mb"], abs=1e-9)
+
+
+def test_input_part_reports_throughput_model_rate_and_memory_growth(quick_results):
+    inputs = quick_results[0]["input"]
+    model = inputs["model"]
+    assert model["images_per_s"] == pytest.approx(
+        model["batch_size"] / (model["step_ms"] / 1e3), rel=1e-9
+    )
+    assert {row["preprocess"] for row in inputs["throughput"]} == {"resize", "resnet"}
+    for row in inputs["throughput"]:
+        assert row["images_per_s"] == pytest.approx(
+            row["batch_size"] * row["batches"] / row["seconds"], rel=1e-9
+        )
+        assert row["images_per_s_per_thread"] == pytest.approx(
+            row["images_per_s"] / row["threads"], rel=1e-12
+        )
+        assert row["cores_to_feed_model"] == pytest.approx(
+            model["images_per_s"] / row["images_per_s_per_thread"], rel=1e-12
+        )
+    peaks = {(m["images"], m["streaming"]): m["peak_mb"] for m in inputs["memory"]}
+    sizes = sorted({images for images, _ in peaks})
+    assert len(sizes) == 2 and all(_positive(mb) for mb in peaks.values())
+    for mode, growth in inputs["memory_growth_mb"].items():
+        assert growth == pytest.approx(peaks[(sizes[1], mode)] - peaks[(sizes[0], mode)])
 
 
 def test_interleaved_step_times_alternates_order_and_counts_calls():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -272,8 +273,9 @@ def test_tfds_validation_split_is_used_when_present(tmp_path, monkeypatch):
             read_splits.append(split)
             return mocked(self, split=split, **kwargs)
 
-        monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", as_dataset)
-        dataset = datasets.load_dataset("tfds:cifar10", data_dir=str(tmp_path))
+        # Patched inside mock_data only, so TFDS is left exactly as mock_data restores it.
+        with mock.patch.object(tfds.core.DatasetBuilder, "as_dataset", as_dataset):
+            dataset = datasets.load_dataset("tfds:cifar10", data_dir=str(tmp_path))
     assert read_splits == ["train", "validation"]
     assert (dataset.num_train, dataset.num_val) == (6, 6)
     assert dataset.validation == "the dataset's own 'validation' split"

@@ -9,7 +9,8 @@ Every comparison is a ratio of medians measured side by side in one process
 (`noisy_keras.bench.harness`); the load average before and after each part is
 recorded with it. Parts, one module each: noise (`noise_overhead`), noise_kinds
 (`noise_kinds`: each noise kind's step time through the engine vs none), engine,
-time_to_accuracy, memory.
+memory, input (`input_pipeline`: streamed input throughput and peak memory
+against dataset size), time_to_accuracy.
 
 References:
     S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
@@ -35,6 +36,7 @@ PART_MODULES = {
     "noise_kinds": "noise_kinds",
     "engine": "engine",
     "memory": "memory",
+    "input": "input_pipeline",
     "time_to_accuracy": "time_to_accuracy",
 }
 """Benchmark parts in the order they run, each with its module in noisy_keras.bench."""
@@ -44,7 +46,7 @@ PART_NAMES = tuple(PART_MODULES)
 def run_benchmarks(*, parts: Sequence[str] = PART_NAMES, quick: bool = False) -> dict:
     """Runs the chosen parts and returns their results with the machine's description.
 
-    Parts run in the order noise, noise_kinds, engine, memory, time_to_accuracy (the last
+    Parts run in the order noise, noise_kinds, engine, memory, input, time_to_accuracy (the last
     one enables TensorFlow's op determinism, as the main job does, which would
     otherwise affect the others). For the engine part the CPU must already
     be split into `ENGINE_DEVICES` logical devices when there is no GPU

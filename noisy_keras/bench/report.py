@@ -132,4 +132,39 @@ def format_tables(results: dict) -> str:
             )
         )  # fmt: skip
         out.append("\n")
+    inputs = results.get("input")
+    if inputs:
+        model = inputs["model"]
+        out.append(
+            f"\n### Streamed folder input vs the model's step rate ({inputs['cores']} cores)\n"
+        )
+        out.append(
+            _table(
+                ["preprocess", "px", "threads", "images/s", "images/s per thread",
+                 f"threads to feed {model['model']}"],
+                [
+                    [r["preprocess"], r["image_size"], r["threads"], _fmt(r["images_per_s"], 1),
+                     _fmt(r["images_per_s_per_thread"], 1), _fmt(r["cores_to_feed_model"], 2)]
+                    for r in inputs["throughput"]
+                ],
+            )
+        )  # fmt: skip
+        out.append(
+            f"\n{model['model']} at {model['image_size']} px, batch {model['batch_size']}: "
+            f"{model['images_per_s']:.1f} training images/s ({model['step_ms']:.0f} ms per step)\n"
+        )
+        out.append("\n### Peak resident memory of a one-epoch main-job run (mlp)\n")
+        out.append(
+            _table(
+                ["images", "px", "streaming", "peak MiB"],
+                [
+                    [m["images"], m["image_size"], m["streaming"], _fmt(m["peak_mb"], 0)]
+                    for m in inputs["memory"]
+                ],
+            )
+        )
+        growth = inputs["memory_growth_mb"]
+        words = {"true": "streamed", "false": "in memory"}
+        changes = ", ".join(f"{words[mode]} {mb:+.0f} MiB" for mode, mb in growth.items())
+        out.append(f"\nGrowth from the smaller to the larger set: {changes}\n")
     return "\n".join(out)
