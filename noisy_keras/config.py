@@ -30,8 +30,9 @@ DATASET_PREFIXES = ("tfds:", "folder:")
 SEED_MAX = 2**31 - 1
 
 # Fields that may differ when a run is resumed in its work directory: they do not
-# change what is trained (more epochs continue the same run).
-RESUMABLE_FIELDS = ("epochs", "verbose")
+# change what is trained (more epochs continue the same run; where the data lives
+# and how much is printed are not part of the experiment).
+RESUMABLE_FIELDS = ("epochs", "verbose", "data_dir")
 
 __all__ = [
     "DATASET_NAMES",

@@ -1,29 +1,35 @@
 r"""Grids of configurations x seeds through the main job, with tables and figures.
 
+    python -m noisy_keras.experiments --out=results/offline       # the packaged recipes
     python -m noisy_keras.experiments --out=results/offline \
-        --flagfiles=flags/repro_digits.flags,flags/repro_mnist1d.flags \
+        --flagfiles=repro_digits.flags,my_recipe.flags \
         --batch_sizes=32,64,128,256,512,1024 --alphas=0,1e-5,1e-3,1e-2 --seeds=5
 
 Each cell is (flagfile, batch size, alpha); each cell runs once per seed with
-`noisy_keras.train.train`, in `OUT/runs/<cell>/seed<k>`. A run whose
-`summary.json` says "done" is never redone, so an interrupted grid resumes where
-it stopped when the same command is run again (a run killed half-way resumes
-from its last checkpoint). After training, the sharpness of each run (top
-Hessian eigenvalue of the training loss on a fixed subset of training examples,
-Jastrzebski et al. 2018) is measured once and stored next to it.
+`noisy_keras.train.train`, in `OUT/runs/<cell>/seed<k>`. A flagfile is a path,
+or the bare name of a recipe shipped with the package (`packaged_flagfiles()`,
+the files of the repository's flags/), which resolves from any working
+directory. A run whose `summary.json` says "done" is never redone, so an
+interrupted grid resumes where it stopped when the same command is run again
+(a run stopped half-way resumes from its last checkpoint). After training, the
+sharpness of each run (top Hessian eigenvalue of the training loss on a fixed
+subset of training examples, Jastrzebski et al. 2018) is measured once and
+stored next to it.
 
 Outputs in OUT:
     results.csv      one row per run
     table.csv/.md    per cell: n, mean, sd and 95% CI (Student t) of final validation
                      accuracy, training accuracy, gap, sharpness and wall time
-    gap_<dataset>.png, val_<dataset>.png     gap / validation accuracy vs batch size
-    noise_<dataset>_b<B>.png                 validation curves with and without noise
+                     (accuracies in %, the gap in percentage points in table.md)
+    gap_<config>.png, val_<config>.png     gap / validation accuracy vs batch size (same units)
+    noise_<config>_b<B>.png                validation curves with and without noise
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.resources
 import itertools
 import math
 import os
@@ -32,6 +38,7 @@ import time
 
 from absl import app, flags
 
+from noisy_keras import _cli
 from noisy_keras import config as config_lib
 from noisy_keras import train as train_lib
 from noisy_keras import workdir as workdir_lib
@@ -57,10 +64,56 @@ class Cell:
         return f"{self.base_name}-b{self.batch_size}-a{self.alpha:g}"
 
 
+DEFAULT_FLAGFILES = ("repro_digits.flags", "repro_mnist1d.flags")
+
+
+def packaged_flagfiles() -> dict[str, str]:
+    """The recipes shipped with the package: {file name: path}.
+
+    From a source checkout (`flags/` next to the package) the repository's
+    files; from an installed package, the copies installed as
+    `noisy_keras.flagfiles`.
+    """
+    checkout = os.path.join(os.path.dirname(os.path.dirname(__file__)), "flags")
+    if os.path.isfile(os.path.join(checkout, "__init__.py")):
+        directory = checkout
+    else:
+        directory = str(importlib.resources.files("noisy_keras.flagfiles"))
+    return {
+        name: os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.endswith(".flags")
+    }
+
+
+def resolve_flagfile(name_or_path: str) -> str:
+    """A flagfile path: `name_or_path` itself if it is a file, else the packaged recipe.
+
+    Args:
+        name_or_path: a path, or the bare name of a packaged recipe
+            (e.g. "repro_digits.flags"; the ".flags" may be left out).
+
+    Raises:
+        FileNotFoundError: neither a file nor a packaged recipe, naming the recipes.
+    """
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    recipes = packaged_flagfiles()
+    if os.path.basename(name_or_path) == name_or_path:
+        for candidate in (name_or_path, f"{name_or_path}.flags"):
+            if candidate in recipes:
+                return recipes[candidate]
+    raise FileNotFoundError(
+        f"flagfile {name_or_path!r} is neither a file nor a recipe shipped with the package; "
+        f"recipes: {', '.join(recipes)}."
+    )
+
+
 def grid_cells(flagfiles, batch_sizes, alphas) -> list[Cell]:
     """The grid's cells in a fixed order: flagfile, then batch size, then alpha."""
     return [
-        Cell(f, int(b), float(a)) for f, b, a in itertools.product(flagfiles, batch_sizes, alphas)
+        Cell(resolve_flagfile(f), int(b), float(a))
+        for f, b, a in itertools.product(flagfiles, batch_sizes, alphas)
     ]
 
 
@@ -89,7 +142,7 @@ def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
     return float(result.eigenvalue)
 
 
-def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
+def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict, log=print) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
@@ -102,7 +155,7 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
     summary = workdir_lib.read_json(summary_path)
     if summary is None or summary.get("status") != "done":
         keras.utils.clear_session()
-        summary = train_lib.train(config, workdir)
+        summary = train_lib.train(config, workdir, log=log)
     if summary["status"] == "done" and "sharpness" not in summary:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
@@ -111,6 +164,7 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
         "cell": cell.name,
         "base": cell.base_name,
         "dataset": config.dataset,
+        "model": config.model,
         "batch_size": cell.batch_size,
         "alpha": cell.alpha,
         "seed": seed,
@@ -186,8 +240,19 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _what(rows: list[dict]) -> str:
+    """Dataset and model of a config's runs, for figure titles."""
+    names = sorted({f"{r.get('dataset', '?')}, {r.get('model', '?')}" for r in rows})
+    return "; ".join(names)
+
+
 def write_figures(out: str, rows: list[dict]) -> list[str]:
-    """Gap and validation accuracy vs batch size per base config; noise comparison curves."""
+    """Gap and validation accuracy vs batch size per base config; noise comparison curves.
+
+    Accuracies in percent and the gap in percentage points, as in table.md;
+    titles name the config, dataset and model (and the batch size of the
+    noise comparison); alpha is in each legend.
+    """
     from noisy_keras.analysis import plots
 
     written = []
@@ -195,16 +260,21 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
         done = [r for r in rows if r["base"] == base and r["status"] == "done"]
         if not done:
             continue
+        what = _what(done)
         for metric, prefix, label in (
-            ("gap", "gap", "generalization gap (training - validation accuracy)"),
-            ("val_accuracy", "val", "final validation accuracy"),
+            ("gap", "gap", "final gap: training - validation accuracy (percentage points)"),
+            ("val_accuracy", "val", "final validation accuracy (%)"),
         ):
             groups = {}
             for r in done:
                 name = "no noise" if r["alpha"] == 0 else f"alpha={r['alpha']:g}"
-                groups.setdefault(name, {}).setdefault(r["batch_size"], []).append(r[metric])
+                groups.setdefault(name, {}).setdefault(r["batch_size"], []).append(
+                    100.0 * r[metric]
+                )
             path = os.path.join(out, f"{prefix}_{base}.png")
-            plots.plot_gap_vs_batch_size(groups, path, ylabel=label, title=base)
+            plots.plot_gap_vs_batch_size(
+                groups, path, ylabel=label, title=f"{base}: {what}, mean over seeds, 95% CI"
+            )
             written.append(path)
         largest = max(r["batch_size"] for r in done)
         curves = {}
@@ -215,7 +285,9 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
                     workdir_lib.read_metrics(os.path.join(r["workdir"], workdir_lib.METRICS_FILE))
                 )
         path = os.path.join(out, f"noise_{base}_b{largest}.png")
-        plots.plot_noise_comparison(curves, path, title=f"{base}, B={largest}")
+        plots.plot_noise_comparison(
+            curves, path, title=f"{base}: {what}, B={largest}, mean over seeds, 95% CI"
+        )
         written.append(path)
     import matplotlib.pyplot as plt
 
@@ -262,7 +334,7 @@ def run_grid(
     for number, (cell, seed) in enumerate(jobs):
         if number % count != index:
             continue
-        row = run_cell_seed(out, cell, seed, overrides or {})
+        row = run_cell_seed(out, cell, seed, overrides or {}, log=log)
         log(
             f"[{number + 1}/{len(jobs)} {time.time() - start:.0f}s] {cell.name} seed {seed}: "
             f"{row['status']} val {row['val_accuracy']:.4f} gap {row['gap']:+.4f} "
@@ -280,10 +352,14 @@ def write_reports(out: str, jobs) -> list[dict]:
         )
         if summary is None:
             continue
+        flagfile = os.path.join(run_dir(out, cell, seed), workdir_lib.FLAGS_FILE)
+        run_flags = config_lib.read_flagfile(flagfile) if os.path.exists(flagfile) else {}
         rows.append(
             {
                 "cell": cell.name,
                 "base": cell.base_name,
+                "dataset": run_flags.get("dataset", "?"),
+                "model": run_flags.get("model", "?"),
                 "batch_size": cell.batch_size,
                 "alpha": cell.alpha,
                 "seed": seed,
@@ -312,8 +388,9 @@ def define_flags() -> None:
     flags.DEFINE_string("out", "results/offline", "Output directory of the grid.")
     flags.DEFINE_list(
         "flagfiles",
-        ["flags/repro_digits.flags", "flags/repro_mnist1d.flags"],
-        "Base flagfiles, one per recipe.",
+        list(DEFAULT_FLAGFILES),
+        "Base flagfiles, one per recipe: paths, or names of the recipes shipped with the "
+        f"package ({', '.join(packaged_flagfiles())}).",
     )
     flags.DEFINE_list("batch_sizes", ["32", "128", "512", "1024"], "Global batch sizes.")
     flags.DEFINE_list("alphas", ["0", "1e-5", "1e-4", "1e-3"], "Noise alphas (0 = none).")
@@ -335,6 +412,11 @@ def main(argv) -> int:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
     train_lib.quiet_info_logs(FLAGS)
+    with _cli.sigint_at_batch_boundaries():
+        return _run_from_flags(FLAGS)
+
+
+def _run_from_flags(FLAGS) -> int:
     try:
         overrides = {}
         for item in FLAGS.set:
@@ -346,8 +428,9 @@ def main(argv) -> int:
         alphas = [float(a) for a in FLAGS.alphas]
         if FLAGS.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
-        for path in FLAGS.flagfiles:
-            config_lib.read_flagfile(path)
+        for name in FLAGS.flagfiles:
+            config_lib.read_flagfile(resolve_flagfile(name))
+        _cli.quiet_tensorflow()
         rows = run_grid(
             out=FLAGS.out,
             flagfiles=FLAGS.flagfiles,
@@ -357,9 +440,16 @@ def main(argv) -> int:
             overrides=overrides,
             shard=_parse_shard(FLAGS.shard),
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError) as error:
         print(f"noisy_keras.experiments: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "noisy_keras.experiments: interrupted; rerun the same command to continue "
+            "(finished runs are kept, the current one resumes from its checkpoint)",
+            file=sys.stderr,
+        )
+        return _cli.EXIT_INTERRUPTED
     print(f"noisy_keras.experiments: {len(rows)} runs reported in {FLAGS.out}/table.md")
     return 0
 

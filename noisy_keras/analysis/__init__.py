@@ -45,6 +45,7 @@ from noisy_keras.analysis.interpolation import (
 )
 from noisy_keras.analysis.plots import (
     history_columns,
+    metric_label,
     plot_accuracy_curves,
     plot_gap_vs_batch_size,
     plot_noise_comparison,
@@ -76,6 +77,7 @@ __all__ = [
     "hessian_trace",
     "hessian_vector_product",
     "history_columns",
+    "metric_label",
     "hutchinson_trace",
     "interpolate_weights",
     "interpolated_model",
