@@ -145,6 +145,7 @@ def train(
 
     Raises:
         ValueError, FileNotFoundError: bad input; nothing was created or deleted.
+        ConnectionError: a TFDS dataset that is not prepared cannot be downloaded.
         KeyboardInterrupt: interrupted; status "interrupted", checkpoints kept.
     """
     config = config_lib.validate_config(config)
