@@ -160,10 +160,10 @@ class DivergenceGuard(keras.callbacks.Callback):
             return
         step = self._epoch * self.steps_per_epoch + batch
         self.diverged_at = {"step": step, "epoch": self._epoch, "batch": batch}
-        self.message = (
-            f"{self.monitor} became {value} at step {step} (epoch {self._epoch}, batch {batch} "
-            f"of {self.steps_per_epoch}, counting from 0); stopped. The last good "
-            "checkpoint is kept."
+        self.message = (  # epochs and batches from 1, as in the progress bar and metrics.csv
+            f"{self.monitor} became {value} in epoch {self._epoch + 1}, batch {batch + 1} of "
+            f"{self.steps_per_epoch} (step {step}, counting steps from 0); stopped. The last "
+            "good checkpoint is kept."
         )
         self.model.stop_training = True
 

@@ -46,8 +46,9 @@ MODELS_WITH_RESIDUAL_BN = ("resnet20", "resnet50")
 DEFAULT_LARS_EETA = 0.001
 
 # Fields that may differ when a run is resumed in its work directory: they do not
-# change what is trained (more epochs continue the same run).
-RESUMABLE_FIELDS = ("epochs", "verbose")
+# change what is trained (more epochs continue the same run; where the data lives
+# and how much is printed are not part of the experiment).
+RESUMABLE_FIELDS = ("epochs", "verbose", "data_dir")
 
 __all__ = [
     "DATASET_NAMES",

@@ -237,6 +237,86 @@ def _tfds_split_size(builder, split: str) -> int | None:
         return None
 
 
+TFDS_PROBE_ADDRESS: tuple[str, int] | None = None
+"""(host, port) reached to tell that downloads are impossible; None: the dataset's own host."""
+
+
+def _probe_address(builder) -> tuple[str, int]:
+    """The host TFDS downloads `builder`'s first file from (its registered checksums)."""
+    import urllib.parse
+
+    urls = sorted(type(builder).url_infos or {})  # also loads the builder's checksums file
+    if TFDS_PROBE_ADDRESS is not None:
+        return TFDS_PROBE_ADDRESS
+    parsed = urllib.parse.urlparse(urls[0] if urls else "https://storage.googleapis.com")
+    return parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
+
+
+def _network_error(address: tuple[str, int], timeout_s: float = 5.0) -> str | None:
+    """Why `address` cannot be reached, or None (also None behind a proxy)."""
+    import socket
+    import urllib.request
+
+    if urllib.request.getproxies():
+        return None  # a proxy decides; a direct connection says nothing
+    try:
+        socket.create_connection(address, timeout=timeout_s).close()
+    except OSError as error:
+        return f"connecting to {address[0]}:{address[1]} failed: {error}"
+    return None
+
+
+def _downloads_from_the_network(builder) -> bool:
+    """Whether preparing `builder` means TFDS' own downloader fetching files.
+
+    True for TFDS' catalogue datasets with TFDS' own `download_and_prepare`;
+    False for manual-download datasets (read from `manual_dir`), builders
+    defined elsewhere, and a replaced `download_and_prepare` (as
+    `tfds.testing.mock_data` does).
+    """
+    cls = type(builder)
+    prepare_module = getattr(cls.download_and_prepare, "__module__", "")
+    return (
+        cls.__module__.startswith("tensorflow_datasets.")
+        and prepare_module == "tensorflow_datasets.core.dataset_builder"
+        and not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    )
+
+
+def _download_and_prepare(builder, name: str, data_dir: str | None) -> None:
+    """`builder.download_and_prepare()`, failing within seconds when it cannot download.
+
+    TFDS retries a failed download 10 times with backoff (about 3.5 minutes),
+    and has no public option to bound that; so a catalogue dataset that is not
+    prepared in `data_dir` is only downloaded after a quick connection test
+    (`_downloads_from_the_network`), and a download that still fails for lack
+    of network is reported as such. The test connects to the host of the
+    dataset's first file (or `TFDS_PROBE_ADDRESS`), and is skipped behind a proxy.
+
+    Raises:
+        ConnectionError: the dataset is not prepared and cannot be downloaded.
+    """
+    where = f"data_dir={data_dir!r}" if data_dir else "TFDS' default data_dir"
+
+    def refuse(reason: str) -> ConnectionError:
+        return ConnectionError(
+            f"dataset {name!r} is not prepared in {where} ({builder.data_dir}) and cannot be "
+            f"downloaded: no network ({reason}). Prepare it on a machine with network access "
+            "(tfds.builder(NAME, data_dir=DIR).download_and_prepare()) and pass --data_dir=DIR."
+        )
+
+    if _downloads_from_the_network(builder) and not builder.is_prepared():
+        reason = _network_error(_probe_address(builder))
+        if reason is not None:
+            raise refuse(reason)
+    try:
+        builder.download_and_prepare()
+    except OSError as error:  # requests' ConnectionError is an OSError
+        if builder.is_prepared():
+            raise
+        raise refuse(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+
+
 def _load_tfds(
     name: str,
     seed: int,
@@ -256,7 +336,7 @@ def _load_tfds(
             f"dataset {name!r} needs 'image' and 'label' features for image classification; "
             f"it has {sorted(features.keys())}."
         )
-    builder.download_and_prepare()
+    _download_and_prepare(builder, name, data_dir)
     native_shape = tuple(features["image"].shape)
     if image_size is None and None not in native_shape[:2] and preprocess == "resize":
         size = None

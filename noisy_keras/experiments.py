@@ -1,7 +1,8 @@
 r"""Grids of configurations x seeds through the main job, with tables and figures.
 
+    python -m noisy_keras.experiments --out=results/offline       # the packaged recipes
     python -m noisy_keras.experiments --out=results/offline \
-        --flagfiles=flags/repro_digits.flags,flags/repro_mnist1d.flags \
+        --flagfiles=repro_digits.flags,my_recipe.flags \
         --batch_sizes=32,64,128,256,512,1024 --alphas=0,1e-5,1e-3,1e-2 --seeds=5
 
     python -m noisy_keras.experiments --out=results/kinds --flagfiles=flags/repro_digits.flags \
@@ -9,12 +10,15 @@ r"""Grids of configurations x seeds through the main job, with tables and figure
         --noises=none,white:1e-5,matched:32,multiplicative:32
 
 Each cell is (flagfile, batch size, noise); each cell runs once per seed with
-`noisy_keras.train.train`, in `OUT/runs/<cell>/seed<k>`. A run whose
-`summary.json` says "done" is never redone, so an interrupted grid resumes where
-it stopped when the same command is run again (a run killed half-way resumes
-from its last checkpoint). After training, the sharpness of each run (top
-Hessian eigenvalue of the training loss on a fixed subset of training examples,
-Jastrzebski et al. 2018) is measured once and stored next to it.
+`noisy_keras.train.train`, in `OUT/runs/<cell>/seed<k>`. A flagfile is a path,
+or the bare name of a recipe shipped with the package (`packaged_flagfiles()`,
+the files of the repository's flags/), which resolves from any working
+directory. A run whose `summary.json` says "done" is never redone, so an
+interrupted grid resumes where it stopped when the same command is run again
+(a run stopped half-way resumes from its last checkpoint). After training, the
+sharpness of each run (top Hessian eigenvalue of the training loss on a fixed
+subset of training examples, Jastrzebski et al. 2018) is measured once and
+stored next to it.
 
 The noise of a cell is a noise kind of the main job (`--noise`): `--alphas`
 gives white-noise cells (alpha 0 meaning no noise; the original grid), and
@@ -28,14 +32,16 @@ Outputs in OUT:
     results.csv      one row per run
     table.csv/.md    per cell: n, mean, sd and 95% CI (Student t) of final validation
                      accuracy, training accuracy, gap, sharpness and wall time
-    gap_<dataset>.png, val_<dataset>.png     gap / validation accuracy vs batch size
-    noise_<dataset>_b<B>.png                 validation curves with and without noise
+                     (accuracies in %, the gap in percentage points in table.md)
+    gap_<config>.png, val_<config>.png     gap / validation accuracy vs batch size (same units)
+    noise_<config>_b<B>.png                validation curves with and without noise
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.resources
 import itertools
 import math
 import os
@@ -44,6 +50,7 @@ import time
 
 from absl import app, flags
 
+from noisy_keras import _cli
 from noisy_keras import config as config_lib
 from noisy_keras import train as train_lib
 from noisy_keras import workdir as workdir_lib
@@ -142,6 +149,51 @@ class Cell:
         return f"{self.base_name}-b{self.batch_size}-{self.kind.name}"
 
 
+DEFAULT_FLAGFILES = ("repro_digits.flags", "repro_mnist1d.flags")
+
+
+def packaged_flagfiles() -> dict[str, str]:
+    """The recipes shipped with the package: {file name: path}.
+
+    From a source checkout (`flags/` next to the package) the repository's
+    files; from an installed package, the copies installed as
+    `noisy_keras.flagfiles`.
+    """
+    checkout = os.path.join(os.path.dirname(os.path.dirname(__file__)), "flags")
+    if os.path.isfile(os.path.join(checkout, "__init__.py")):
+        directory = checkout
+    else:
+        directory = str(importlib.resources.files("noisy_keras.flagfiles"))
+    return {
+        name: os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.endswith(".flags")
+    }
+
+
+def resolve_flagfile(name_or_path: str) -> str:
+    """A flagfile path: `name_or_path` itself if it is a file, else the packaged recipe.
+
+    Args:
+        name_or_path: a path, or the bare name of a packaged recipe
+            (e.g. "repro_digits.flags"; the ".flags" may be left out).
+
+    Raises:
+        FileNotFoundError: neither a file nor a packaged recipe, naming the recipes.
+    """
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    recipes = packaged_flagfiles()
+    if os.path.basename(name_or_path) == name_or_path:
+        for candidate in (name_or_path, f"{name_or_path}.flags"):
+            if candidate in recipes:
+                return recipes[candidate]
+    raise FileNotFoundError(
+        f"flagfile {name_or_path!r} is neither a file nor a recipe shipped with the package; "
+        f"recipes: {', '.join(recipes)}."
+    )
+
+
 def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
     """The grid's cells in a fixed order: flagfile, then batch size, then noise.
 
@@ -153,7 +205,7 @@ def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
     kinds = [Noise("white", alpha=float(a)) for a in alphas]
     kinds += [n if isinstance(n, Noise) else parse_noise(n) for n in noises]
     return [
-        Cell(f, int(b), k.alpha, None if k.kind == "white" else k)
+        Cell(resolve_flagfile(f), int(b), k.alpha, None if k.kind == "white" else k)
         for f, b, k in itertools.product(flagfiles, batch_sizes, kinds)
     ]
 
@@ -174,11 +226,10 @@ def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
     from noisy_keras.analysis import hessian
 
     dataset = recipe.load_data(config)
-    x, y = dataset.train_arrays()
-    count = min(SHARPNESS_EXAMPLES, len(y))
+    x, y = dataset.train_sample(min(SHARPNESS_EXAMPLES, dataset.num_train))
     model = keras.models.load_model(os.path.join(workdir, workdir_lib.MODEL_FILE), compile=False)
     result = hessian.hessian_eigenvalues(
-        model, (x[:count], y[:count]), k=1, max_iterations=60, tolerance=1e-3, seed=0
+        model, (x, y), k=1, max_iterations=60, tolerance=1e-3, seed=0
     )
     return float(result.eigenvalue)
 
@@ -215,7 +266,7 @@ def _row(cell: Cell, seed: int, summary: dict, workdir: str) -> dict:
     }
 
 
-def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
+def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict, log=print) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
@@ -225,12 +276,16 @@ def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict) -> dict:
     summary = workdir_lib.read_json(summary_path)
     if summary is None or summary.get("status") != "done":
         keras.utils.clear_session()
-        summary = train_lib.train(config, workdir)
+        summary = train_lib.train(config, workdir, log=log)
     if summary["status"] == "done" and "sharpness" not in summary:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
         workdir_lib.write_json(summary_path, summary)
-    return {**_row(cell, seed, summary, workdir), "dataset": config.dataset}
+    return {
+        **_row(cell, seed, summary, workdir),
+        "dataset": config.dataset,
+        "model": config.model,
+    }
 
 
 def summarize_rows(rows: list[dict]) -> list[dict]:
@@ -308,8 +363,19 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _what(rows: list[dict]) -> str:
+    """Dataset and model of a config's runs, for figure titles."""
+    names = sorted({f"{r.get('dataset', '?')}, {r.get('model', '?')}" for r in rows})
+    return "; ".join(names)
+
+
 def write_figures(out: str, rows: list[dict]) -> list[str]:
-    """Gap and validation accuracy vs batch size per base config; noise comparison curves."""
+    """Gap and validation accuracy vs batch size per base config; noise comparison curves.
+
+    Accuracies in percent and the gap in percentage points, as in table.md;
+    titles name the config, dataset and model (and the batch size of the
+    noise comparison); alpha is in each legend.
+    """
     from noisy_keras.analysis import plots
 
     written = []
@@ -317,16 +383,21 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
         done = [r for r in rows if r["base"] == base and r["status"] == "done"]
         if not done:
             continue
+        what = _what(done)
         for metric, prefix, label in (
-            ("gap", "gap", "generalization gap (training - validation accuracy)"),
-            ("val_accuracy", "val", "final validation accuracy"),
+            ("gap", "gap", "final gap: training - validation accuracy (percentage points)"),
+            ("val_accuracy", "val", "final validation accuracy (%)"),
         ):
             groups = {}
             for r in done:
                 name = r["legend"]
-                groups.setdefault(name, {}).setdefault(r["batch_size"], []).append(r[metric])
+                groups.setdefault(name, {}).setdefault(r["batch_size"], []).append(
+                    100.0 * r[metric]
+                )
             path = os.path.join(out, f"{prefix}_{base}.png")
-            plots.plot_gap_vs_batch_size(groups, path, ylabel=label, title=base)
+            plots.plot_gap_vs_batch_size(
+                groups, path, ylabel=label, title=f"{base}: {what}, mean over seeds, 95% CI"
+            )
             written.append(path)
         largest = max(r["batch_size"] for r in done)
         curves = {}
@@ -337,7 +408,9 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
                     workdir_lib.read_metrics(os.path.join(r["workdir"], workdir_lib.METRICS_FILE))
                 )
         path = os.path.join(out, f"noise_{base}_b{largest}.png")
-        plots.plot_noise_comparison(curves, path, title=f"{base}, B={largest}")
+        plots.plot_noise_comparison(
+            curves, path, title=f"{base}: {what}, B={largest}, mean over seeds, 95% CI"
+        )
         written.append(path)
     import matplotlib.pyplot as plt
 
@@ -391,7 +464,7 @@ def run_grid(
     for number, (cell, seed) in enumerate(jobs):
         if number % count != index:
             continue
-        row = run_cell_seed(out, cell, seed, overrides or {})
+        row = run_cell_seed(out, cell, seed, overrides or {}, log=log)
         log(
             f"[{number + 1}/{len(jobs)} {time.time() - start:.0f}s] {cell.name} seed {seed}: "
             f"{row['status']} val {row['val_accuracy']:.4f} gap {row['gap']:+.4f} "
@@ -409,7 +482,15 @@ def write_reports(out: str, jobs) -> list[dict]:
         )
         if summary is None:
             continue
-        rows.append(_row(cell, seed, summary, run_dir(out, cell, seed)))
+        flagfile = os.path.join(run_dir(out, cell, seed), workdir_lib.FLAGS_FILE)
+        run_flags = config_lib.read_flagfile(flagfile) if os.path.exists(flagfile) else {}
+        rows.append(
+            {
+                **_row(cell, seed, summary, run_dir(out, cell, seed)),
+                "dataset": run_flags.get("dataset", "?"),
+                "model": run_flags.get("model", "?"),
+            }
+        )
     if not rows:
         return rows
     _write_csv(
@@ -430,8 +511,9 @@ def define_flags() -> None:
     flags.DEFINE_string("out", "results/offline", "Output directory of the grid.")
     flags.DEFINE_list(
         "flagfiles",
-        ["flags/repro_digits.flags", "flags/repro_mnist1d.flags"],
-        "Base flagfiles, one per recipe.",
+        list(DEFAULT_FLAGFILES),
+        "Base flagfiles, one per recipe: paths, or names of the recipes shipped with the "
+        f"package ({', '.join(packaged_flagfiles())}).",
     )
     flags.DEFINE_list("batch_sizes", ["32", "128", "512", "1024"], "Global batch sizes.")
     flags.DEFINE_list("alphas", ["0", "1e-5", "1e-4", "1e-3"], "Noise alphas (0 = none).")
@@ -465,6 +547,11 @@ def main(argv) -> int:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
     train_lib.quiet_info_logs(FLAGS)
+    with _cli.sigint_at_batch_boundaries():
+        return _run_from_flags(FLAGS)
+
+
+def _run_from_flags(FLAGS) -> int:
     try:
         overrides = {}
         for item in FLAGS.set:
@@ -481,8 +568,9 @@ def main(argv) -> int:
             alphas = []
         if FLAGS.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
-        for path in FLAGS.flagfiles:
-            config_lib.read_flagfile(path)
+        for name in FLAGS.flagfiles:
+            config_lib.read_flagfile(resolve_flagfile(name))
+        _cli.quiet_tensorflow()
         rows = run_grid(
             out=FLAGS.out,
             flagfiles=FLAGS.flagfiles,
@@ -493,9 +581,16 @@ def main(argv) -> int:
             overrides=overrides,
             shard=_parse_shard(FLAGS.shard),
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError) as error:
         print(f"noisy_keras.experiments: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "noisy_keras.experiments: interrupted; rerun the same command to continue "
+            "(finished runs are kept, the current one resumes from its checkpoint)",
+            file=sys.stderr,
+        )
+        return _cli.EXIT_INTERRUPTED
     print(f"noisy_keras.experiments: {len(rows)} runs reported in {FLAGS.out}/table.md")
     return 0
 

@@ -297,3 +297,62 @@ def _check_inner_optimizer(optimizer) -> None:
             f"e.g. keras.optimizers.SGD(...)); received {optimizer!r} of type "
             f"{type(optimizer).__name__}.{hint}"
         )
+
+
+# ---- Reaching the wrapper through other wrappers ---------------------------------
+
+
+def find_noisy_optimizer(optimizer) -> NoisyOptimizer | None:
+    """The `NoisyOptimizer` in `optimizer`, following `inner_optimizer` through wrappers.
+
+    Under the 'mixed_float16' policy `model.compile` wraps the optimizer in Keras'
+    `LossScaleOptimizer`, so `model.optimizer` is not the `NoisyOptimizer` itself;
+    this follows the chain of `inner_optimizer` attributes to it.
+
+    Args:
+        optimizer: a Keras optimizer, e.g. `model.optimizer`.
+
+    Returns:
+        The first `NoisyOptimizer` in the chain, or None when there is none.
+
+    Raises:
+        ValueError: `optimizer` is not a Keras optimizer.
+    """
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            "optimizer must be a Keras optimizer (e.g. model.optimizer); received "
+            f"{type(optimizer).__name__}."
+        )
+    while optimizer is not None:
+        if isinstance(optimizer, NoisyOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+def current_noise_stddev(optimizer) -> float:
+    """sigma_t of the next update, however the `NoisyOptimizer` is wrapped.
+
+    sigma_t = sqrt(alpha / (1 + t)^gamma) at t = `iterations` (Jaiswal & Taura,
+    Section 3.1), or the rule of a `NoisyOptimizer` subclass; the wrapper is
+    found with `find_noisy_optimizer` (so `model.optimizer` works under
+    'mixed_float16', where it is a `LossScaleOptimizer`).
+
+    Args:
+        optimizer: a Keras optimizer, e.g. `model.optimizer`.
+
+    Returns:
+        sigma_t as a Python float; 0.0 when the chain holds no `NoisyOptimizer`
+        (no noise is added).
+
+    Raises:
+        ValueError: `optimizer` is not a Keras optimizer.
+
+    Example:
+        >>> keras.config.set_dtype_policy("mixed_float16")
+        >>> model.compile(optimizer=NoisyOptimizer(keras.optimizers.SGD(0.1)), loss=...)
+        >>> current_noise_stddev(model.optimizer)   # model.optimizer is a LossScaleOptimizer
+        0.0031622776
+    """
+    noisy = find_noisy_optimizer(optimizer)
+    return 0.0 if noisy is None else float(noisy.noise_stddev)

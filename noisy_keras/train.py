@@ -1,31 +1,38 @@
-r"""The main job: one training run from absl flags, written to a work directory.
+r"""Trains one model from flags and writes everything it did to a run directory.
 
     python -m noisy_keras.train                      # digits, small CNN, B=128, noise on
     python -m noisy_keras.train --flagfile=flags/digits_b1024_noise.flags
     noisy-keras-train --dataset=mnist1d --model=cnn1d --batch_size=1024 --noise_alpha=0
     noisy-keras-train --batch_size=512 --lr_scaling=none --noise=matched --noise_batch_size=32
 
-Only `main()` reads FLAGS: it builds one validated, frozen `TrainConfig`
-(`noisy_keras.config`) and calls `train(config)`, which tests and notebooks
-call directly. `train` builds data, schedule, optimizer and model from the
-config (`noisy_keras.recipe`), trains them with the engine
-(`noisy_keras.training.fit`) and writes the run directory
-(`noisy_keras.workdir`, which lists its files).
+It prints Keras' progress and one final line (accuracies, gap, run directory).
+The run directory (--workdir, default runs/<dataset>-<model>-b<B>-a<alpha>-s<seed>)
+holds flags.txt, status.json, metrics.csv, checkpoints, the model, a plot and
+summary.json. Run the same command again to resume after a crash or Ctrl-C; a
+finished run is left as it is. --overwrite replaces a run, and only a run.
+Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
-import time
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from noisy_keras import _cli
 from noisy_keras import config as config_lib
 from noisy_keras import workdir as workdir_lib
 from noisy_keras.config import TrainConfig
+
+# Design: only `main()` reads FLAGS; it builds one validated, frozen `TrainConfig`
+# (`noisy_keras.config`) and calls `train(config)`, which tests and notebooks call
+# directly. `train` checks the run directory (`noisy_keras.workdir`), builds data,
+# schedule, optimizer and model (`noisy_keras.recipe`), and only then creates the
+# directory and trains with the engine (`noisy_keras.training.fit`).
 
 
 def define_flags() -> None:
@@ -68,7 +75,13 @@ def define_flags() -> None:
             check = predicate
         flags.register_validator(name, check, message=f"--{name} {allowed}.")
     flags.DEFINE_string("workdir", "", "Run directory ('' = runs/<dataset>-<model>-b..-a..-s..).")
-    flags.DEFINE_bool("overwrite", False, "Delete an existing run in --workdir and start afresh.")
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace the run in --workdir: delete the files a run writes there and start afresh. "
+        "Refused for a directory that is not a run, holds other files, or is ., a parent "
+        "of the current directory or the home directory.",
+    )
 
 
 def config_from_flags(flag_values) -> TrainConfig:
@@ -84,21 +97,67 @@ def config_from_flags(flag_values) -> TrainConfig:
     return config_lib.validate_config(TrainConfig(**values))
 
 
-def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = False) -> dict:
-    """Runs (or resumes) one experiment and returns its summary.
+def _epochs_in_checkpoint(workdir: str) -> int:
+    """Epochs completed by the run's latest checkpoint (0 without one).
+
+    `noisy_keras.checkpointing.Checkpointer` numbers checkpoints by the epochs
+    they completed: ckpt-3 holds the state after three epochs.
+    """
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
+    match = re.search(r"-(\d+)$", latest or "")
+    return int(match.group(1)) if match else 0
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def train(
+    config: TrainConfig,
+    workdir: str | None = None,
+    *,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
+    """Runs, resumes or (when finished) only reports one experiment; returns its summary.
+
+    Order: the config and the run directory are checked (`workdir.check_workdir`,
+    touching nothing); a finished run with this configuration returns at once,
+    unchanged. Then strategy, batch split, data and schedule are built, all of
+    which may refuse bad input, and only then the directory is created (or a
+    run in it replaced with `overwrite`) and training starts or resumes from the
+    last checkpoint. `status.json` always ends in a final state: "done",
+    "diverged", "interrupted" (KeyboardInterrupt, re-raised) or "failed" (any
+    other exception, re-raised; the message is the error's first line).
 
     Args:
-        config: the validated run configuration.
+        config: the run configuration (validated here).
         workdir: run directory; None uses `config.default_workdir()`.
-        overwrite: delete an existing run in `workdir` first (never done otherwise).
+        overwrite: replace the run in `workdir` (see `noisy_keras.workdir`).
+        log: where the one-line notices go (resuming, ...); None for silence.
 
     Returns:
-        The summary dict also written to WORKDIR/summary.json: status, epochs,
-        final train/validation accuracy and gap, sharpness-free numbers, wall time.
+        The summary written to WORKDIR/summary.json: workdir, status, message,
+        epochs, train/validation accuracy and loss measured after training on
+        each whole split, gap (train - validation accuracy) and wall_time_s
+        (training time summed over sessions). For a run that was already
+        finished, the stored summary with `already_done=True` added (nothing
+        is written).
+
+    Raises:
+        ValueError, FileNotFoundError: bad input; nothing was created or deleted.
+        ConnectionError: a TFDS dataset that is not prepared cannot be downloaded.
+        KeyboardInterrupt: interrupted; status "interrupted", checkpoints kept.
     """
     config = config_lib.validate_config(config)
     workdir = workdir or config.default_workdir()
-    workdir_lib.prepare_workdir(workdir, config, overwrite=overwrite)
+    log = log or (lambda _line: None)
+    plan = workdir_lib.check_workdir(workdir, config, overwrite=overwrite)
+    if plan.action == "done":
+        return {**plan.summary, "already_done": True}
 
     import keras
     import tensorflow as tf
@@ -108,11 +167,18 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
-    replicas = strategy.num_replicas_in_sync
     split = training.split_global_batch(
-        config.batch_size, num_replicas=replicas, accumulation_steps=config.accumulation_steps
+        config.batch_size,
+        num_replicas=strategy.num_replicas_in_sync,
+        accumulation_steps=config.accumulation_steps,
     )
     dataset = recipe.load_data(config)
+    if dataset.num_classes < 2:
+        raise ValueError(
+            f"dataset={config.dataset!r} has {dataset.num_classes} class "
+            f"({', '.join(map(str, dataset.class_names)) or 'unnamed'}); classification "
+            "needs at least 2 (for folder:PATH, one subfolder of images per class)."
+        )
     updates_per_epoch = dataset.steps_per_epoch(config.batch_size)
     if config.updates_per_epoch:
         if config.updates_per_epoch > updates_per_epoch:
@@ -122,43 +188,78 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
                 f"{config.dataset!r}; allowed: 0 (all) or 1..{updates_per_epoch}."
             )
         updates_per_epoch = config.updates_per_epoch
-    eval_batch_size = evaluation_batch_size(split.step_batch_size, replicas)
+    eval_batch_size = evaluation_batch_size(split.step_batch_size, strategy.num_replicas_in_sync)
     steps_per_epoch = updates_per_epoch * config.accumulation_steps
     schedule = recipe.make_schedule(config, updates_per_epoch)
 
-    start = time.time()
+    workdir_lib.make_workdir(plan, config)  # everything above is checked: now create
+    resume_from = _epochs_in_checkpoint(workdir) if plan.action == "resume" else 0
+    workdir_lib.write_status(workdir, "running", epochs_completed=resume_from)
+    if resume_from:
+        log(
+            f"noisy_keras.train: resuming {workdir} at epoch {resume_from + 1} of "
+            f"{config.epochs} (its checkpoint holds epochs 1-{resume_from})"
+        )
     metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     callbacks = [
-        workdir_lib.metrics_csv_callback(metrics_path, start),
+        workdir_lib.metrics_csv_callback(metrics_path),
         keras.callbacks.TensorBoard(
             os.path.join(workdir, workdir_lib.TENSORBOARD_DIR), write_graph=False
         ),
+        _cli.interrupt_callback(),
     ]
-    result = training.fit(
-        lambda: recipe.build_compiled_model(config, dataset, schedule),
-        dataset.train_epochs(
-            split.step_batch_size,
-            config.seed,
-            augment=config.augment,
-            batches_per_epoch=steps_per_epoch,
-        ),
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        workdir=workdir,
-        validation_data=dataset.val_batches(eval_batch_size),
-        callbacks=callbacks,
-        strategy=strategy,
-        xla={"auto": "auto", "true": True, "false": False}[config.xla],
-        accumulation_steps=config.accumulation_steps,
-        verbose=config.verbose,
-    )
-    model = result.model
+    try:
+        with _cli.defer_interrupts():
+            result = training.fit(
+                lambda: recipe.build_compiled_model(config, dataset, schedule),
+                dataset.train_epochs(
+                    split.step_batch_size,
+                    config.seed,
+                    augment=config.augment,
+                    batches_per_epoch=steps_per_epoch,
+                ),
+                epochs=config.epochs,
+                steps_per_epoch=steps_per_epoch,
+                workdir=workdir,
+                validation_data=dataset.val_batches(eval_batch_size),
+                callbacks=callbacks,
+                strategy=strategy,
+                xla={"auto": "auto", "true": True, "false": False}[config.xla],
+                accumulation_steps=config.accumulation_steps,
+                verbose=config.verbose,
+            )
+        return _report(config, workdir, result, dataset, eval_batch_size)
+    except KeyboardInterrupt:
+        completed = _epochs_in_checkpoint(workdir)
+        workdir_lib.write_status(
+            workdir,
+            "interrupted",
+            epochs_completed=completed,
+            message=f"stopped in epoch {completed + 1}; rerun the same command to resume "
+            f"at epoch {completed + 1}",
+        )
+        raise
+    except Exception as error:
+        workdir_lib.write_status(
+            workdir,
+            "failed",
+            epochs_completed=_epochs_in_checkpoint(workdir),
+            message=_first_line(error),
+        )
+        raise
+
+
+def _report(config, workdir, result, dataset, batch_size) -> dict:
+    """After training: evaluates each whole split, saves the model, plots, writes the summary."""
+    metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    rows = workdir_lib.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     summary = {"workdir": workdir, "status": result.status, "message": result.message}
     if result.status == "done":
+        model = result.model
         train_eval = model.evaluate(
-            dataset.train_eval_batches(eval_batch_size), verbose=0, return_dict=True
+            dataset.train_eval_batches(batch_size), verbose=0, return_dict=True
         )
-        val_eval = model.evaluate(dataset.val_batches(eval_batch_size), verbose=0, return_dict=True)
+        val_eval = model.evaluate(dataset.val_batches(batch_size), verbose=0, return_dict=True)
         model.save(os.path.join(workdir, workdir_lib.MODEL_FILE))
         summary.update(
             epochs=config.epochs,
@@ -173,13 +274,14 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
                 train_top5_accuracy=float(train_eval["top5_accuracy"]),
                 val_top5_accuracy=float(val_eval["top5_accuracy"]),
             )
-    summary["wall_time_s"] = round(time.time() - start, 1)
-    if os.path.exists(metrics_path) and workdir_lib.read_metrics(metrics_path):
+    summary["wall_time_s"] = rows[-1]["wall_time_s"] if rows else 0.0
+    if rows:
         from noisy_keras.analysis import plots
 
         plots.plot_accuracy_curves(
-            {f"B={config.batch_size}": workdir_lib.read_metrics(metrics_path)},
+            {f"B={config.batch_size}": rows},
             os.path.join(workdir, workdir_lib.PLOT_FILE),
+            title=run_title(config),
         )
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     return summary
@@ -204,16 +306,26 @@ def evaluation_batch_size(step_batch_size: int, replicas: int) -> int:
     return max(replicas, limited // replicas * replicas)
 
 
+def run_title(config: TrainConfig) -> str:
+    """What a figure of one run names: dataset, model, batch size, noise (alpha), seed."""
+    noise = {"white": f"alpha={config.noise_alpha:g}", "none": "no noise"}.get(
+        config.noise, f"{config.noise} noise, b={config.noise_batch_size}"
+    )
+    return f"{config.dataset}, {config.model}, B={config.batch_size}, {noise}, seed {config.seed}"
+
+
 def summary_line(summary: dict) -> str:
     """One line for the end of a run."""
     if summary["status"] != "done":
         return (
             f"noisy_keras.train: {summary['status']}: {summary['message']} ({summary['workdir']})"
         )
+    state = "already done (nothing changed)" if summary.get("already_done") else "done"
     return (
-        f"noisy_keras.train: done in {summary['wall_time_s']:.0f}s | "
-        f"train acc {summary['train_accuracy']:.4f} | val acc {summary['val_accuracy']:.4f} | "
-        f"gap {summary['gap']:+.4f} | {summary['workdir']}"
+        f"noisy_keras.train: {state} | {summary['epochs']} epochs in "
+        f"{summary['wall_time_s']:.0f}s | train acc {summary['train_accuracy']:.4f} | "
+        f"val acc {summary['val_accuracy']:.4f} | gap {summary['gap']:+.4f} | "
+        f"{summary['workdir']}"
     )
 
 
@@ -228,12 +340,26 @@ def main(argv) -> int:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
     quiet_info_logs(FLAGS)
-    try:
-        config = config_from_flags(FLAGS)
-        summary = train(config, FLAGS.workdir or None, overwrite=FLAGS.overwrite)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"noisy_keras.train: error: {error}", file=sys.stderr)
-        return 2
+    workdir = None
+    with _cli.sigint_at_batch_boundaries():
+        try:
+            config = config_from_flags(FLAGS)
+            workdir = FLAGS.workdir or config.default_workdir()
+            if workdir_lib.check_workdir(workdir, config, FLAGS.overwrite).action != "done":
+                _cli.quiet_tensorflow()
+            summary = train(config, workdir, overwrite=FLAGS.overwrite)
+        except (ValueError, FileNotFoundError, ConnectionError) as error:
+            print(f"noisy_keras.train: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            status = workdir_lib.read_status(workdir) if workdir else None
+            where = (
+                f"; {status['message']} ({workdir})"
+                if status and status.get("status") == "interrupted"
+                else ""
+            )
+            print(f"noisy_keras.train: interrupted{where}", file=sys.stderr)
+            return _cli.EXIT_INTERRUPTED
     print(summary_line(summary))
     return 0 if summary["status"] == "done" else 1
 

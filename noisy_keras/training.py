@@ -156,7 +156,8 @@ class FitResult:
         initial_epoch: the epoch training (re)started at (> 0 after a resume).
         epochs_completed: epochs completed when `fit` returned.
         message: why a run diverged ("" otherwise).
-        diverged_at: {"step", "epoch", "batch"} of the first non-finite loss, or None.
+        diverged_at: {"step", "epoch", "batch"} of the first non-finite loss (indices
+            from 0), or None.
         checkpoint: path of the latest checkpoint, or None.
     """
 

@@ -8,6 +8,7 @@ import pytest
 from noisy_keras.analysis import (
     InterpolationResult,
     history_columns,
+    metric_label,
     plot_accuracy_curves,
     plot_gap_vs_batch_size,
     plot_noise_comparison,
@@ -24,11 +25,22 @@ def assert_png(path):
 
 
 HISTORY_A = {"accuracy": [0.5, 0.7, 0.9], "val_accuracy": [0.4, 0.55, 0.6]}
-ROWS_B = [  # CSV rows as read by csv.DictReader: strings, with a 0-based epoch column
-    {"epoch": "0", "accuracy": "0.45", "val_accuracy": "0.42"},
-    {"epoch": "1", "accuracy": "0.65", "val_accuracy": "0.52"},
-    {"epoch": "2", "accuracy": "0.85", "val_accuracy": "0.58"},
+ROWS_B = [  # CSV rows as read by csv.DictReader: strings, epochs from 1 as the main job writes
+    {"epoch": "1", "accuracy": "0.45", "val_accuracy": "0.42"},
+    {"epoch": "2", "accuracy": "0.65", "val_accuracy": "0.52"},
+    {"epoch": "3", "accuracy": "0.85", "val_accuracy": "0.58"},
 ]
+
+
+def percent(values):
+    return 100.0 * np.asarray(values, dtype=np.float64)
+
+
+def integer_ticks(axes) -> bool:
+    """Whether every x tick label of `axes` is a whole number (no half epochs)."""
+    axes.figure.canvas.draw()
+    ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+    return bool(ticks) and all(float(t).is_integer() for t in ticks)
 
 
 def test_accuracy_curves(tmp_path):
@@ -38,22 +50,28 @@ def test_accuracy_curves(tmp_path):
         writer.writeheader()
         writer.writerows(
             {"epoch": e, "accuracy": 0.3 + 0.1 * e, "val_accuracy": 0.2 + 0.1 * e, "loss": 1.0}
-            for e in range(4)
+            for e in range(1, 5)
         )
     path = tmp_path / "figures" / "accuracy.png"
-    figure = plot_accuracy_curves({"B=32": HISTORY_A, "B=64": ROWS_B, "B=128": csv_path}, path)
+    figure = plot_accuracy_curves(
+        {"B=32": HISTORY_A, "B=64": ROWS_B, "B=128": csv_path},
+        path,
+        title="digits, mlp, B=128, alpha=1e-05",
+    )
     assert_png(path)
     (axes,) = figure.axes
     lines = axes.get_lines()
     assert len(lines) == 6
     assert [line.get_linestyle() for line in lines] == [":", "-"] * 3
     assert [line.get_label() for line in lines[:2]] == ["B=32 (training)", "B=32 (validation)"]
-    np.testing.assert_array_equal(lines[0].get_xdata(), [1, 2, 3])
-    np.testing.assert_array_equal(lines[0].get_ydata(), HISTORY_A["accuracy"])
-    np.testing.assert_array_equal(lines[1].get_ydata(), HISTORY_A["val_accuracy"])
-    np.testing.assert_array_equal(lines[2].get_xdata(), [0, 1, 2])
-    np.testing.assert_array_equal(lines[3].get_ydata(), [0.42, 0.52, 0.58])
-    np.testing.assert_allclose(lines[5].get_ydata(), [0.2, 0.3, 0.4, 0.5])
+    np.testing.assert_array_equal(lines[0].get_xdata(), [1, 2, 3])  # epochs from 1
+    np.testing.assert_array_equal(lines[0].get_ydata(), percent(HISTORY_A["accuracy"]))
+    np.testing.assert_array_equal(lines[1].get_ydata(), percent(HISTORY_A["val_accuracy"]))
+    np.testing.assert_array_equal(lines[2].get_xdata(), [1, 2, 3])
+    np.testing.assert_array_equal(lines[3].get_ydata(), percent([0.42, 0.52, 0.58]))
+    np.testing.assert_allclose(lines[5].get_ydata(), [30.0, 40.0, 50.0, 60.0])
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("epoch", "accuracy (%)")
+    assert axes.get_title() == "digits, mlp, B=128, alpha=1e-05" and integer_ticks(axes)
     colours = [line.get_color() for line in lines]
     assert colours[0] == colours[1] and colours[2] == colours[3] and colours[4] == colours[5]
     assert len({colours[0], colours[2], colours[4]}) == 3
@@ -61,6 +79,16 @@ def test_accuracy_curves(tmp_path):
         {"r": {"loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}}, metric="loss"
     )
     np.testing.assert_array_equal(loss_figure.axes[0].get_lines()[1].get_ydata(), [2.5, 1.5])
+    assert loss_figure.axes[0].get_ylabel() == "loss"
+    fractions = plot_accuracy_curves({"r": HISTORY_A}, percent=False)
+    np.testing.assert_array_equal(fractions.axes[0].get_lines()[0].get_ydata(), [0.5, 0.7, 0.9])
+
+
+def test_metric_labels_carry_the_units_of_the_tables():
+    assert metric_label("val_accuracy") == "validation accuracy (%)"
+    assert metric_label("gap") == "gap: training - validation accuracy (percentage points)"
+    assert metric_label("val_loss") == "validation loss"
+    assert metric_label("val_accuracy", percent=False) == "validation accuracy"
 
 
 def interpolation_result(offset, with_validation=True):
@@ -102,10 +130,12 @@ def test_noise_comparison_mean_and_band():
     figure = plot_noise_comparison({"alpha=1e-5": seeds, "no noise": ROWS_B})
     (axes,) = figure.axes
     noisy, plain = axes.get_lines()
-    stacked = np.array([s["val_accuracy"] for s in seeds])
+    stacked = percent([s["val_accuracy"] for s in seeds])
     np.testing.assert_allclose(noisy.get_ydata(), stacked.mean(axis=0), rtol=1e-12)
-    np.testing.assert_array_equal(plain.get_ydata(), [0.42, 0.52, 0.58])
+    np.testing.assert_array_equal(plain.get_ydata(), percent([0.42, 0.52, 0.58]))
+    np.testing.assert_array_equal(plain.get_xdata(), [1, 2, 3])
     assert noisy.get_label() == "alpha=1e-5 (n=3)" and plain.get_label() == "no noise (n=1)"
+    assert axes.get_ylabel() == "validation accuracy (%)" and integer_ticks(axes)
     assert len(axes.collections) == 1  # a band only for the group with several runs
     vertices = axes.collections[0].get_paths()[0].vertices
     summaries = [summarize(stacked[:, e]) for e in range(3)]

@@ -9,23 +9,28 @@ import sys
 import pytest
 
 from noisy_keras import bench
+from noisy_keras.bench import cli
 from noisy_keras.bench.engine import ENGINE_DEVICES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
-    """Runs `python -m noisy_keras.bench --quick` once, in a fresh process."""
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    """Runs `python -m noisy_keras.bench --quick` once, in a fresh process and a fresh cwd."""
+    cwd = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     completed = subprocess.run(
-        [sys.executable, "-m", "noisy_keras.bench", "--quick", f"--out={out}"],
+        [sys.executable, "-m", "noisy_keras.bench", "--quick"],
         capture_output=True,
         text=True,
         env=env,
+        cwd=cwd,
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(out.read_text()), completed.stdout
+    assert os.listdir(cwd) == ["bench-quick.json"]  # never the full run's bench.json
+    return json.loads((cwd / "bench-quick.json").read_text()), completed.stdout
 
 
 def _positive(value):
@@ -45,6 +50,11 @@ def test_quick_run_has_every_part_and_prints_tables(quick_results):
         "Streamed folder input",
     ):
         assert heading in stdout
+    # Labelled as a smoke test before and after the tables, and in the JSON.
+    lines = stdout.strip().splitlines()
+    assert lines[0] == lines[-2] == cli.SMOKE_TEST_NOTE and "measure nothing" in lines[0]
+    assert lines[-1].startswith("noisy_keras.bench: wrote the smoke test to bench-quick.json")
+    assert results["meta"]["note"] == cli.SMOKE_TEST_NOTE
 
 
 def test_noise_ratios_are_ratios_of_the_reported_medians(quick_results):

@@ -2,12 +2,17 @@
 
 import csv
 import os
+import subprocess
+import sys
 
 import pytest
 
 from noisy_keras import config as config_lib
 from noisy_keras import experiments
 from noisy_keras import train as train_lib
+from noisy_keras.analysis import plots
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASE = """# a tiny recipe for tests
 --dataset=digits
@@ -69,6 +74,14 @@ def test_grid_runs_every_cell_and_seed_then_resumes_without_redoing(
         experiments.run_grid(**grid, log=lambda _: None)
     assert calls == [(128, 0), (128, 1), (256, 0)]
 
+    plotted = {}  # the figures get the table's units: percent and percentage points
+    real_plot = plots.plot_gap_vs_batch_size
+
+    def recording_plot(groups, path, **kwargs):
+        plotted[os.path.basename(path)] = (groups, kwargs)
+        return real_plot(groups, path, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_gap_vs_batch_size", recording_plot)
     calls.clear()
     rows = experiments.run_grid(**grid, log=lambda _: None)
     assert calls == [(256, 0), (256, 1)]  # finished runs are not redone
@@ -90,6 +103,16 @@ def test_grid_runs_every_cell_and_seed_then_resumes_without_redoing(
     assert markdown.count("\n") == 4 and "| tiny | 128 | 0 | 2 |" in markdown
     for name in ("gap_tiny.png", "val_tiny.png", "noise_tiny_b256.png", "results.csv"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    for name, metric, unit in (
+        ("gap_tiny.png", "gap", "(percentage points)"),
+        ("val_tiny.png", "val_accuracy", "(%)"),
+    ):
+        groups, kwargs = plotted[name]
+        assert kwargs["ylabel"].endswith(unit)
+        assert kwargs["title"] == "tiny: digits, mlp, mean over seeds, 95% CI"
+        for batch_size in (128, 256):
+            expected = [100.0 * r[metric] for r in rows if r["batch_size"] == batch_size]
+            assert groups["no noise"][batch_size] == expected
 
     calls.clear()
     experiments.run_grid(**grid, log=lambda _: None)
@@ -109,3 +132,28 @@ def test_shard_splits_jobs_without_overlap(flagfile, tmp_path):
     with pytest.raises(ValueError, match=r"--shard must look like 'i/n'"):
         experiments._parse_shard("1-2")
     assert experiments._parse_shard("1/3") == (1, 3)
+
+
+def test_the_command_line_runs_a_packaged_recipe_from_another_directory(tmp_path):
+    """Default flagfiles are recipe names shipped with the package, not paths under cwd."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    argv = ["--out=grid", "--flagfiles=repro_digits", "--batch_sizes=1024", "--alphas=0"]
+    argv += ["--seeds=1", "--set=epochs=2"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "noisy_keras.experiments", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == (
+        "noisy_keras.experiments: 1 runs reported in grid/table.md"
+    )
+    table = (tmp_path / "grid" / "table.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| repro_digits | 1024 | 0 | 1 |")
+    flags = config_lib.read_flagfile(
+        str(tmp_path / "grid" / "runs" / "repro_digits-b1024-a0" / "seed0" / "flags.txt")
+    )
+    assert (flags["model"], flags["epochs"], flags["batch_size"]) == ("mlp", "2", "1024")

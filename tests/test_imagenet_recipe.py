@@ -87,7 +87,7 @@ def test_each_imagenet_flagfile_trains_one_mock_step(path, imagenet_mock_dir, tm
     assert 0 <= summary["val_accuracy"] <= summary["val_top5_accuracy"] <= 1
     with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["0"] and np.isfinite(float(rows[0]["loss"]))
+    assert [r["epoch"] for r in rows] == ["1"] and np.isfinite(float(rows[0]["loss"]))
 
 
 # ---------------------------------------------------------------------------

@@ -189,10 +189,11 @@ def test_from_batch_normalization_copies_the_configuration():
         2e-5,
     )
     assert (config["scale"], config["center"], config["virtual_batch_size"]) == (False, True, 16)
-    with pytest.raises(ValueError, match=r"renorm=True is not supported"):
-        GhostBatchNormalization.from_batch_normalization(
-            keras.layers.BatchNormalization(renorm=True), 16
-        )
+    if "renorm" in keras.layers.BatchNormalization().get_config():  # in Keras 3.15, not 3.13
+        with pytest.raises(ValueError, match=r"renorm=True is not supported"):
+            GhostBatchNormalization.from_batch_normalization(
+                keras.layers.BatchNormalization(renorm=True), 16
+            )
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,31 @@
-"""The main job: flag validation, workdir safety, an end-to-end run and its resume."""
+"""The main job: flags, exact metrics and summary, resume, refusals, crash, Ctrl-C, the CLI."""
 
-import csv
-import json
+import dataclasses
 import os
+import re
+import signal
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
 from absl import flags
 
+from noisy_keras import _cli, datasets, lr
 from noisy_keras import config as config_lib
 from noisy_keras import train as train_lib
 from noisy_keras import workdir as workdir_lib
+from noisy_keras.optimizer import NoisyOptimizer, current_noise_stddev
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model="mlp", batch_size=128, epochs=2, verbose=0, base_learning_rate=0.05)
+# TensorFlow's C++ log lines: glog prefixes (I0000 00:00:...), absl's pre-init notice, start-up.
+CPP_LOG_LINE = re.compile(
+    r"^[IWEF]\d{4} \d\d:\d\d|All log messages before absl|oneDNN|cuInit|"
+    r"cuda drivers|cpu_feature_guard",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture()
@@ -73,109 +85,272 @@ def test_flagfile_round_trip_lists_every_field():
     assert len(text.splitlines()) == len(config_lib.TrainConfig.__dataclass_fields__)
 
 
-def test_workdir_with_other_configuration_is_refused_and_kept(tmp_path):
+def _snapshot(directory) -> dict:
+    """{relative path: (bytes, mtime)} of every file under `directory`."""
+    files = {}
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = (f.read(), os.stat(path).st_mtime_ns)
+    return files
+
+
+def _without_wall_time(rows):
+    return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
+
+
+def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
+    # Step decay x0.5 after 2 epochs: the row of epoch 3 is the first with the decayed rate.
+    config = config_lib.TrainConfig(
+        **{**TINY, "epochs": 3}, lr_decay_epochs=(2,), lr_decay_factor=0.5, noise_alpha=1e-3
+    )
+    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    summary = train_lib.train(config, straight_dir, log=None)
+    rows = workdir_lib.read_metrics(os.path.join(straight_dir, "metrics.csv"))
+
+    # Each row: epochs from 1; rate and sigma of the epoch's first update (e - 1) * U.
+    data = datasets.load_dataset("digits", seed=0)
+    updates = data.steps_per_epoch(128)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        step = (row["epoch"] - 1) * updates
+        rate = lr.learning_rate_at(
+            step,
+            peak_learning_rate=0.2,
+            steps_per_epoch=updates,
+            decay_factor=0.5,
+            decay_epochs=(2,),
+        )
+        sigma = np.sqrt(1e-3 / (1.0 + step) ** 0.55)
+        assert row["learning_rate"] == pytest.approx(rate, rel=1e-6)  # float32 rounding
+        assert row["noise_stddev"] == pytest.approx(sigma, rel=1e-6)
+        assert row["gap"] == row["accuracy"] - row["val_accuracy"]
+    assert [row["learning_rate"] for row in rows] == pytest.approx([0.2, 0.2, 0.1], rel=1e-6)
+
+    # The summary's accuracies are those of a separate evaluation on each whole split.
+    model = keras.models.load_model(os.path.join(straight_dir, "model.keras"))
+    train_eval = model.evaluate(data.train_eval_batches(128), verbose=0, return_dict=True)
+    val_eval = model.evaluate(data.val_batches(128), verbose=0, return_dict=True)
+    assert (summary["train_accuracy"], summary["val_accuracy"]) == (
+        train_eval["accuracy"],
+        val_eval["accuracy"],
+    )
+    assert summary["train_loss"] == pytest.approx(train_eval["loss"], rel=1e-6)
+    assert summary["val_loss"] == pytest.approx(val_eval["loss"], rel=1e-6)
+    assert summary["gap"] == summary["train_accuracy"] - summary["val_accuracy"]
+    assert summary["epochs"] == 3 and summary["wall_time_s"] == rows[-1]["wall_time_s"]
+    assert workdir_lib.read_json(os.path.join(straight_dir, "summary.json")) == summary
+
+    # 2 epochs, then a resume to 3: the same rows, and the wall time goes on counting.
+    train_lib.train(config.replace(epochs=2), resumed_dir, log=None)
+    metrics = os.path.join(resumed_dir, "metrics.csv")
+    first = workdir_lib.read_metrics(metrics)
+    first[-1]["wall_time_s"] = 1e6  # as if the first session had trained for 1e6 s
+    workdir_lib._write_rows(metrics, first)
+    lines = []
+    resumed = train_lib.train(config, resumed_dir, log=lines.append)
+    assert lines == [
+        f"noisy_keras.train: resuming {resumed_dir} at epoch 3 of 3 "
+        "(its checkpoint holds epochs 1-2)"
+    ]
+    resumed_rows = workdir_lib.read_metrics(metrics)
+    assert _without_wall_time(resumed_rows) == _without_wall_time(rows)
+    assert 1e6 < resumed_rows[2]["wall_time_s"] < 1e6 + 600
+    assert resumed["wall_time_s"] == resumed_rows[2]["wall_time_s"]
+
+    # A finished run, run again: nothing is trained or written.
+    before = _snapshot(straight_dir)
+    again = train_lib.train(config.replace(verbose=2), straight_dir, log=None)
+    assert again == {**summary, "already_done": True}
+    assert _snapshot(straight_dir) == before
+
+
+@pytest.mark.parametrize(
+    "first", ["import keras, noisy_keras", "import noisy_keras; import keras"], ids=str
+)
+def test_a_saved_run_loads_after_importing_the_package_in_either_order(tmp_path, first):
     workdir = str(tmp_path / "run")
-    workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=128))
-    marker = os.path.join(workdir, "keep.txt")
-    with open(marker, "w") as f:
-        f.write("user data")
-    with pytest.raises(ValueError, match=r"batch_size: saved '128', now '256'.*--overwrite"):
-        workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=256))
-    assert os.path.exists(marker)
-    # More epochs is a resume of the same run, not a different configuration.
-    workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=128, epochs=99))
-    assert os.path.exists(marker)
-    workdir_lib.prepare_workdir(workdir, config_lib.TrainConfig(batch_size=256), overwrite=True)
-    assert not os.path.exists(marker)
-
-
-def test_non_run_directory_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds no flags.txt.*nothing was deleted"):
-        workdir_lib.prepare_workdir(str(tmp_path), config_lib.TrainConfig())
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_train_writes_every_output_and_resumes(tmp_path):
-    workdir = str(tmp_path / "run")
-    config = config_lib.TrainConfig(**TINY)
-    summary = train_lib.train(config, workdir)
-    assert summary["status"] == "done"
-    for name in (
-        "flags.txt",
-        "status.json",
-        "metrics.csv",
-        "model.keras",
-        "accuracy.png",
-        "summary.json",
-    ):
-        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-    assert os.listdir(os.path.join(workdir, "tensorboard"))
-    assert os.listdir(os.path.join(workdir, "checkpoints"))
-    with open(os.path.join(workdir, "status.json")) as f:
-        assert json.load(f)["status"] == "done"
-    rows = _rows(os.path.join(workdir, "metrics.csv"))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
-    for r in rows:
-        assert float(r["gap"]) == pytest.approx(float(r["accuracy"]) - float(r["val_accuracy"]))
-        assert float(r["learning_rate"]) == pytest.approx(0.05 * 128 / 32)
-    assert float(rows[1]["noise_stddev"]) < float(rows[0]["noise_stddev"])
-    assert summary["gap"] == pytest.approx(summary["train_accuracy"] - summary["val_accuracy"])
-    assert summary["val_accuracy"] > 0.3  # ten classes: chance is 0.1
-
-    # The saved model (NoisyOptimizer, WarmupStepDecay inside) loads after a plain import.
+    train_lib.train(config_lib.TrainConfig(**{**TINY, "epochs": 1}), workdir, log=None)
     code = (
-        "import sys, keras, noisy_keras; "
+        f"import sys; {first}; "
         "m = keras.models.load_model(sys.argv[1]); "
         "lr = m.optimizer.inner_optimizer.get_config()['learning_rate']; "
         "print(type(m.optimizer).__name__, lr['class_name'])"
     )
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     loaded = subprocess.run(
         [sys.executable, "-c", code, os.path.join(workdir, "model.keras")],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=120,
+        timeout=300,
     )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split()[-2:] == ["NoisyOptimizer", "WarmupStepDecay"]
 
-    # The same run with more epochs resumes at epoch 2 and keeps the first rows.
-    more = train_lib.train(config_lib.TrainConfig(**{**TINY, "epochs": 3}), workdir)
-    assert more["status"] == "done"
-    resumed_rows = _rows(os.path.join(workdir, "metrics.csv"))
-    assert [int(r["epoch"]) for r in resumed_rows] == [0, 1, 2]
-    assert resumed_rows[:2] == rows
+
+def test_current_noise_stddev_unwraps_the_loss_scale_optimizer():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(
+        optimizer=NoisyOptimizer(keras.optimizers.SGD(0.1), alpha=1e-3, seed=0), loss="mse"
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert current_noise_stddev(model.optimizer) == pytest.approx(np.sqrt(1e-3), rel=1e-6)
+    model.fit(np.ones((8, 3)), np.zeros((8, 2)), batch_size=2, epochs=1, verbose=0)
+    updates = int(model.optimizer.iterations)  # steps with overflowing loss scale are skipped
+    assert updates >= 1
+    assert current_noise_stddev(model.optimizer) == pytest.approx(
+        np.sqrt(1e-3 / (1.0 + updates) ** 0.55), rel=1e-6
+    )
+    assert current_noise_stddev(keras.optimizers.Adam()) == 0.0  # no noise is added
+    with pytest.raises(
+        ValueError, match="optimizer must be a Keras optimizer .* received Sequential"
+    ):
+        current_noise_stddev(model)
 
 
-def test_cli_runs_and_a_rerun_from_its_flagfile_resumes(tmp_path):
-    workdir = str(tmp_path / "cli")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    argv = [sys.executable, "-m", "noisy_keras.train", f"--workdir={workdir}"]
-    argv += [f"--{k}={v}" for k, v in TINY.items()] + ["--epochs=1"]
-    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "noisy_keras.train: done" in first.stdout and "val acc" in first.stdout
-    checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+def _one_class_folder(root):
+    from PIL import Image
 
-    rerun = [sys.executable, "-m", "noisy_keras.train", f"--flagfile={workdir}/flags.txt"]
-    second = subprocess.run(rerun, capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "noisy_keras.train: done" in second.stdout
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+    (root / "only").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / "only" / f"{i}.png")
+    return f"folder:{root}"
 
-    clash = subprocess.run(
-        [*argv[:-1], "--epochs=1", "--batch_size=64"],
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"dataset": "folder:/no/such/folder"}, FileNotFoundError, "does not exist"),
+        ({"dataset": "ONE_CLASS", "image_size": 8}, ValueError, "has 1 class .* at least 2"),
+        (
+            {"strategy": "mirrored", "num_devices": 2, "batch_size": 127},
+            ValueError,
+            "global_batch_size=127 is not divisible by num_replicas",
+        ),
+        ({"noise_alpha": -1.0}, ValueError, "noise_alpha must be >= 0"),
+    ],
+    ids=["missing folder", "one-class folder", "batch split", "config range"],
+)
+def test_refused_bad_inputs_leave_no_directory(tmp_path, changes, error, message):
+    if changes.get("dataset") == "ONE_CLASS":
+        changes = {**changes, "dataset": _one_class_folder(tmp_path / "images")}
+    config = config_lib.TrainConfig(**{**TINY, "epochs": 1})
+    workdir = tmp_path / "runs" / "refused"
+    with pytest.raises(error, match=message):
+        train_lib.train(dataclasses_replace(config, **changes), str(workdir), log=None)
+    assert not workdir.exists() and not (tmp_path / "runs").exists()
+
+
+def dataclasses_replace(config, **changes):
+    return dataclasses.replace(config, **changes)  # unvalidated: train() must refuse it
+
+
+def test_a_crash_ends_in_status_failed_and_a_rerun_finishes(tmp_path, monkeypatch):
+    class CrashInEpoch2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("disk full\nsecond line of the error")
+
+    monkeypatch.setattr(_cli, "interrupt_callback", CrashInEpoch2)
+    workdir = str(tmp_path / "run")
+    config = config_lib.TrainConfig(**{**TINY, "epochs": 3})
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_lib.train(config, workdir, log=None)
+    assert workdir_lib.read_status(workdir) == {
+        "status": "failed",
+        "epochs_completed": 1,
+        "message": "RuntimeError: disk full",
+    }
+    monkeypatch.undo()
+    assert train_lib.train(config, workdir, log=None)["status"] == "done"
+    assert [r["epoch"] for r in workdir_lib.read_metrics(os.path.join(workdir, "metrics.csv"))] == [
+        1,
+        2,
+        3,
+    ]
+
+
+def _cli_env():
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", _cli.TF_LOGS_ENV)
+    }
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run_cli(args, cwd, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "noisy_keras.train", *args],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=300,
+        env=_cli_env(),
+        cwd=cwd,
+        timeout=timeout,
     )
+
+
+def test_cli_runs_quietly_leaves_a_finished_run_alone_refuses_and_overwrites(tmp_path):
+    argv = ["--workdir=run", *(f"--{k}={v}" for k, v in TINY.items()), "--epochs=1", "--verbose=2"]
+    first = _run_cli(argv, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not CPP_LOG_LINE.search(first.stderr + first.stdout), first.stderr[-2000:]
+    lines = first.stdout.strip().splitlines()
+    assert len(lines) == 2, lines  # Keras' line for the epoch (10 steps), then one final line
+    assert lines[0].startswith("10/10 - ") and "val_accuracy" in lines[0]
+    assert lines[1].startswith("noisy_keras.train: done | 1 epochs in ")
+
+    before = _snapshot(tmp_path / "run")
+    rerun = _run_cli(["--flagfile=run/flags.txt"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.startswith("noisy_keras.train: already done (nothing changed) | 1 epochs")
+    assert _snapshot(tmp_path / "run") == before  # summary.json and the rest, byte for byte
+
+    clash = _run_cli([*argv, "--batch_size=64"], tmp_path)
     assert clash.returncode == 2
-    assert "different configuration" in clash.stderr and "--overwrite" in clash.stderr
+    assert "batch_size: saved '128', now '64'" in clash.stderr and "--overwrite" in clash.stderr
+    assert _snapshot(tmp_path / "run") == before
+
+    replaced = _run_cli([*argv, "--batch_size=64", "--overwrite"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert config_lib.read_flagfile(str(tmp_path / "run" / "flags.txt"))["batch_size"] == "64"
+    assert workdir_lib.read_json(str(tmp_path / "run" / "summary.json"))["epochs"] == 1
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) != []
+    assert {k: v for k, v in _snapshot(tmp_path / "run").items() if k in before} != before
+
+
+def test_ctrl_c_stops_at_a_batch_boundary_and_a_rerun_finishes(tmp_path):
+    argv = ["--workdir=run", *(f"--{k}={v}" for k, v in TINY.items()), "--epochs=30", "--verbose=2"]
+    command = [sys.executable, "-m", "noisy_keras.train", *argv]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(),
+        cwd=tmp_path,
+    )
+    for line in process.stdout:  # wait for progress, not for a fixed time
+        if line.startswith("Epoch 3/30"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=10)
+    assert process.returncode == _cli.EXIT_INTERRUPTED == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
+    status = workdir_lib.read_status(str(tmp_path / "run"))
+    completed = status["epochs_completed"]
+    assert status["status"] == "interrupted" and 2 <= completed < 30
+    assert stderr.startswith(f"noisy_keras.train: interrupted; stopped in epoch {completed + 1}")
+    checkpoints = os.listdir(tmp_path / "run" / "checkpoints")
+    assert f"ckpt-{completed}.index" in checkpoints
+    rows = workdir_lib.read_metrics(str(tmp_path / "run" / "metrics.csv"))
+    assert [r["epoch"] for r in rows] == list(range(1, completed + 1))
+
+    rerun = _run_cli(argv, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming run at epoch {completed + 1} of 30" in rerun.stdout
+    assert rerun.stdout.strip().splitlines()[-1].startswith("noisy_keras.train: done | 30 epochs")
+    rows = workdir_lib.read_metrics(str(tmp_path / "run" / "metrics.csv"))
+    assert [r["epoch"] for r in rows] == list(range(1, 31))
+    assert workdir_lib.read_status(str(tmp_path / "run"))["status"] == "done"

@@ -319,7 +319,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
 
     assert result.status == "diverged"
     assert result.diverged_at == {"step": 6, "epoch": 1, "batch": 2}
-    assert "at step 6 (epoch 1, batch 2 of 4" in result.message
+    assert "in epoch 2, batch 3 of 4 (step 6, counting steps from 0)" in result.message
     assert result.epochs_completed == 1
     assert not all(np.all(np.isfinite(w)) for w in _weights(result.model))
     assert workdir.read_status(str(tmp_path))["status"] == "diverged"

@@ -52,6 +52,7 @@ from noisy_keras.analysis.noise_temperature import (
 )
 from noisy_keras.analysis.plots import (
     history_columns,
+    metric_label,
     plot_accuracy_curves,
     plot_gap_vs_batch_size,
     plot_noise_comparison,
@@ -84,6 +85,7 @@ __all__ = [
     "hessian_trace",
     "hessian_vector_product",
     "history_columns",
+    "metric_label",
     "hutchinson_trace",
     "interpolate_weights",
     "interpolated_model",

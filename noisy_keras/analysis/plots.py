@@ -12,7 +12,11 @@ Per-run histories may be given as
 * the path of such a CSV file (columns like epoch, accuracy, val_accuracy, loss,
   val_loss).
 
-The x axis is the ``epoch`` column when present, else 1, 2, ..., n.
+The x axis is the ``epoch`` column when present, else 1, 2, ..., n (epochs count
+from 1, as in the main job's metrics.csv and Keras' progress bar), with integer
+ticks. Accuracies and the gap are drawn in the units of the experiment tables:
+percent and percentage points (`percent=True`, the default; `metric_label` names
+each axis).
 
 Styles follow Jaiswal & Taura's figures: training curves dotted, validation
 curves solid, one colour per run (Fig. 4, 6); noise vs no noise validation curves
@@ -35,12 +39,47 @@ import numpy as np
 import scipy.stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from noisy_keras.analysis.interpolation import InterpolationResult
 from noisy_keras.analysis.stats import summarize
 
 TRAIN_STYLE = ":"
 VALIDATION_STYLE = "-"
+
+METRIC_LABELS = {
+    "accuracy": "training accuracy",
+    "val_accuracy": "validation accuracy",
+    "loss": "training loss",
+    "val_loss": "validation loss",
+    "gap": "gap: training - validation accuracy",
+}
+"""Axis names of the columns the main job writes (others are shown as they are named)."""
+
+
+def in_percent(metric: str) -> bool:
+    """Whether `metric` is a fraction shown in percent: accuracies and the gap."""
+    return metric.endswith("accuracy") or metric == "gap"
+
+
+def metric_label(metric: str, percent: bool = True) -> str:
+    """The axis label of `metric`, with its unit: "validation accuracy (%)", ...
+
+    The gap is a difference of percentages, so its unit is percentage points.
+    """
+    label = METRIC_LABELS.get(metric, metric.replace("_", " "))
+    if percent and in_percent(metric):
+        return label + (" (percentage points)" if metric == "gap" else " (%)")
+    return label
+
+
+def _scaled(values: np.ndarray, metric: str, percent: bool) -> np.ndarray:
+    return values * 100.0 if percent and in_percent(metric) else values
+
+
+def _epoch_axis(axes) -> None:
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.8):
@@ -129,7 +168,12 @@ def _column(columns: Mapping, key: str, run: str) -> np.ndarray:
 
 
 def plot_accuracy_curves(
-    runs: Mapping, path=None, *, metric: str = "accuracy", title: str | None = None
+    runs: Mapping,
+    path=None,
+    *,
+    metric: str = "accuracy",
+    title: str | None = None,
+    percent: bool = True,
 ) -> Figure:
     """Training (dotted) and validation (solid) curves per run, one colour per run (Fig. 4).
 
@@ -137,7 +181,9 @@ def plot_accuracy_curves(
         runs: mapping of run label (e.g. "B=32") -> history (see module docstring).
         path: where to write the PNG, or None.
         metric: the column to plot; its validation column is ``"val_" + metric``.
-        title: the axes title.
+        title: the axes title; name what the runs are (dataset, model, batch
+            size, alpha), as the main job does.
+        percent: draw accuracies in percent (x100).
 
     Returns:
         The Figure: one axes with two lines per run, training then validation.
@@ -149,20 +195,20 @@ def plot_accuracy_curves(
         epochs = columns["epoch"]
         axes.plot(
             epochs,
-            _column(columns, metric, label),
+            _scaled(_column(columns, metric, label), metric, percent),
             TRAIN_STYLE,
             color=colour,
             label=f"{label} (training)",
         )
         axes.plot(
             epochs,
-            _column(columns, "val_" + metric, label),
+            _scaled(_column(columns, "val_" + metric, label), metric, percent),
             VALIDATION_STYLE,
             color=colour,
             label=f"{label} (validation)",
         )
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(metric)
+    _epoch_axis(axes)
+    axes.set_ylabel(metric_label(metric, percent).replace("training ", ""))
     axes.set_title(title or f"{metric}: training dotted, validation solid")
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
@@ -239,6 +285,7 @@ def plot_noise_comparison(
     metric: str = "val_accuracy",
     confidence: float = 0.95,
     title: str | None = None,
+    percent: bool = True,
 ) -> Figure:
     """Validation curves of groups of runs, e.g. without and with gradient noise (Fig. 7).
 
@@ -253,6 +300,7 @@ def plot_noise_comparison(
         metric: the column to plot (default ``"val_accuracy"``).
         confidence: level of the band.
         title: the axes title.
+        percent: draw accuracies in percent (x100).
 
     Returns:
         The Figure: one solid line per group (and one band per group of >= 2 runs).
@@ -263,7 +311,9 @@ def plot_noise_comparison(
     figure, (axes,) = _new_figure()
     for colour, (label, runs) in zip(_colours(len(groups)), groups.items(), strict=True):
         histories = [history_columns(run) for run in _as_run_list(runs)]
-        curves = [_column(columns, metric, label) for columns in histories]
+        curves = [
+            _scaled(_column(columns, metric, label), metric, percent) for columns in histories
+        ]
         if len({curve.size for curve in curves}) != 1:
             raise ValueError(
                 f"the runs of group {label!r} must have the same number of epochs; received "
@@ -277,9 +327,11 @@ def plot_noise_comparison(
             quantile = scipy.stats.t.ppf(0.5 + confidence / 2.0, df=len(curves) - 1)
             half = quantile * stacked.std(axis=0, ddof=1) / np.sqrt(len(curves))
             axes.fill_between(epochs, mean - half, mean + half, color=colour, alpha=0.2)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel(metric)
-    axes.set_title(title or f"{metric}, mean over runs with {confidence:.0%} CI")
+    _epoch_axis(axes)
+    axes.set_ylabel(metric_label(metric, percent))
+    axes.set_title(
+        title or f"{metric_label(metric, False)}, mean over runs with {confidence:.0%} CI"
+    )
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
     return _save(figure, path)
@@ -294,6 +346,10 @@ def plot_gap_vs_batch_size(
     title: str | None = None,
 ) -> Figure:
     """Generalization gap vs batch size, mean and confidence interval per group.
+
+    The values are drawn as given (any per-seed quantity works, e.g. sharpness);
+    pass gaps and accuracies in the units of your tables with a `ylabel` that
+    says so (the experiment runner passes percentage points).
 
     Args:
         gaps: mapping of group label (e.g. "no noise", "alpha=1e-5") -> mapping of

@@ -1,5 +1,10 @@
 """`python -m noisy_keras.bench`: see `noisy_keras.bench.cli`."""
 
-from noisy_keras.bench.cli import run
+from absl import flags
 
-run()
+from noisy_keras.bench import cli
+
+__doc__ = cli.__doc__  # absl prints the main module's docstring as the usage
+cli.define_flags()
+flags.adopt_module_key_flags(cli)  # --help lists the benchmark's flags, defined in cli
+cli.run()

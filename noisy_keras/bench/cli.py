@@ -1,10 +1,14 @@
 r"""Benchmarks: what the noise costs, what the engine gains, time to accuracy, memory.
 
     python -m noisy_keras.bench                      # everything (10-20 min on 2 CPU cores)
-    python -m noisy_keras.bench --quick              # smoke run (well under a minute)
+    python -m noisy_keras.bench --quick              # smoke test: checks it runs, measures nothing
     noisy-keras-bench --parts=noise,memory --out=bench.json
 
-Prints one Markdown table per part and writes every number to `--out` (JSON).
+Prints one Markdown table per part and writes every number to `--out` (JSON;
+default bench.json, or bench-quick.json with --quick). A --quick run uses tiny
+sizes and a few steps: its tables are labelled as a smoke test and its numbers
+mean nothing. Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
+
 Every comparison is a ratio of medians measured side by side in one process
 (`noisy_keras.bench.harness`); the load average before and after each part is
 recorded with it. Parts, one module each: noise (`noise_overhead`), noise_kinds
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from noisy_keras import _cli
 from noisy_keras.bench import harness, report
 
 PART_MODULES = {
@@ -41,6 +46,10 @@ PART_MODULES = {
 }
 """Benchmark parts in the order they run, each with its module in noisy_keras.bench."""
 PART_NAMES = tuple(PART_MODULES)
+SMOKE_TEST_NOTE = (
+    "SMOKE TEST (--quick): tiny sizes and a few steps, to check that every part runs; "
+    "these numbers measure nothing. Run without --quick for measurements."
+)
 
 
 def run_benchmarks(*, parts: Sequence[str] = PART_NAMES, quick: bool = False) -> dict:
@@ -111,21 +120,26 @@ def define_flags() -> None:
     if "parts" in flags.FLAGS:
         return
     flags.DEFINE_bool("quick", False, "Smoke-test sizes: one small case per part, few steps.")
-    flags.DEFINE_string("out", "bench.json", "Where to write the results as JSON.")
+    flags.DEFINE_string(
+        "out", "", "Where to write the results as JSON ('' = bench.json, or bench-quick.json)."
+    )
     flags.DEFINE_list("parts", list(PART_NAMES), f"Parts to run, from {', '.join(PART_NAMES)}.")
     flags.register_validator(
         "parts",
         lambda v: bool(v) and all(p in PART_NAMES for p in v),
         message=f"--parts must be a comma-separated list of {', '.join(PART_NAMES)}.",
     )
-    flags.register_validator("out", bool, message="--out must be a file path.")
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
-    parts, quick, out = list(FLAGS.parts), FLAGS.quick, FLAGS.out
+    parts, quick = list(FLAGS.parts), FLAGS.quick
+    out = FLAGS.out or ("bench-quick.json" if quick else "bench.json")
+    if quick:
+        print(SMOKE_TEST_NOTE)
+    _cli.quiet_tensorflow()
     # TensorFlow logs every MirroredStrategy reduction at INFO; keep the console readable.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     if "engine" in parts:
@@ -138,13 +152,17 @@ def main(argv) -> int:
             distribute.configure_logical_cpus(ENGINE_DEVICES)
     results = run_benchmarks(parts=parts, quick=quick)
     results["meta"]["command"] = " ".join(["python -m noisy_keras.bench", *sys.argv[1:]])
-    print(report.format_tables(results))
+    if quick:
+        results["meta"]["note"] = SMOKE_TEST_NOTE
+    tables = report.format_tables(results)
+    print(f"{SMOKE_TEST_NOTE}\n\n{tables}\n\n{SMOKE_TEST_NOTE}" if quick else tables)
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
         f.write("\n")
-    print(f"noisy_keras.bench: wrote {out} in {results['meta']['seconds']:.0f}s")
+    kind = "smoke test" if quick else "results"
+    print(f"noisy_keras.bench: wrote the {kind} to {out} in {results['meta']['seconds']:.0f}s")
     return 0
 
 

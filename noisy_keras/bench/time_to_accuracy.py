@@ -94,10 +94,8 @@ def measure_time_to_accuracy(
                     "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
                     "best_val_accuracy": max(r["val_accuracy"] for r in rows) if rows else None,
                     "reached": reached is not None,
-                    "epochs_to_target": reached["epoch"] + 1 if reached else None,
-                    "steps_to_target": (reached["epoch"] + 1) * steps_per_epoch
-                    if reached
-                    else None,
+                    "epochs_to_target": reached["epoch"] if reached else None,  # from 1
+                    "steps_to_target": reached["epoch"] * steps_per_epoch if reached else None,
                     "time_to_target_s": reached["wall_time_s"] if reached else None,
                     "run_time_s": rows[-1]["wall_time_s"] if rows else None,
                 }
