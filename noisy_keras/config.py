@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
 STRATEGY_NAMES = ("default", "mirrored", "multiworker")
 XLA_CHOICES = ("auto", "true", "false")
+DETERMINISM_CHOICES = ("auto", "true", "false")
+PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALING_RULES = ("linear", "sqrt", "none")
 MODEL_NAMES = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
 DATASET_NAMES = ("digits", "mnist1d")
@@ -36,9 +38,11 @@ RESUMABLE_FIELDS = ("epochs", "verbose")
 __all__ = [
     "DATASET_NAMES",
     "DATASET_PREFIXES",
+    "DETERMINISM_CHOICES",
     "LR_SCALING_RULES",
     "MODEL_NAMES",
     "OPTIMIZER_NAMES",
+    "PRECISION_CHOICES",
     "RESUMABLE_FIELDS",
     "STRATEGY_NAMES",
     "XLA_CHOICES",
@@ -82,9 +86,11 @@ class TrainConfig:
     val_fraction: float = 0.25
     image_size: int = 0
     augment: bool = False
-    deterministic: bool = True
+    deterministic: str = "auto"
     data_dir: str = ""
     verbose: int = 1
+    # Mixed precision (multi-GPU with XLA)
+    precision: str = "float32"
 
     def flag_strings(self) -> dict:
         """The config as `{flag name: value as written in a flagfile}`, one per field."""
@@ -133,9 +139,11 @@ FIELD_HELP = {
     "val_fraction": "Validation fraction (paper: 3:1).",
     "image_size": "Image side for tfds/folder datasets (0 = default).",
     "augment": "Light image augmentation (random crop, flip).",
-    "deterministic": "TensorFlow op determinism.",
+    "deterministic": "TensorFlow op determinism (auto: on unless XLA is on).",
     "data_dir": "TFDS data directory ('' = TFDS default).",
     "verbose": "0 silent, 1 progress bar, 2 one line per epoch.",
+    # Mixed precision (multi-GPU with XLA)
+    "precision": "Keras dtype policy of the run (mixed: float16/bfloat16 compute, float32 logits).",
 }
 
 
@@ -211,9 +219,11 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "val_fraction": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
     "image_size": _int_at_least(0),
     "augment": (lambda v: isinstance(v, bool), "must be true or false"),
-    "deterministic": (lambda v: isinstance(v, bool), "must be true or false"),
+    "deterministic": _one_of(DETERMINISM_CHOICES),
     "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
     "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
+    # Mixed precision (multi-GPU with XLA)
+    "precision": _one_of(PRECISION_CHOICES),
 }
 
 

@@ -14,6 +14,7 @@ config (`noisy_keras.recipe`), trains them with the engine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -40,6 +41,8 @@ def define_flags() -> None:
         "lr_scaling": config_lib.LR_SCALING_RULES,
         "strategy": config_lib.STRATEGY_NAMES,
         "xla": config_lib.XLA_CHOICES,
+        "deterministic": config_lib.DETERMINISM_CHOICES,
+        "precision": config_lib.PRECISION_CHOICES,
     }
     for field in dataclasses.fields(TrainConfig):
         name, default = field.name, getattr(defaults, field.name)
@@ -90,20 +93,99 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
 
     Returns:
         The summary dict also written to WORKDIR/summary.json: status, epochs,
-        final train/validation accuracy and gap, sharpness-free numbers, wall time.
+        final train/validation accuracy and gap, sharpness-free numbers, wall time,
+        and the device policy the run resolved (`device_policy`).
+
+    Raises:
+        ValueError: a bad configuration, or an impossible device policy (e.g.
+            --deterministic=true with XLA for a model with max pooling), before
+            anything is written.
     """
     config = config_lib.validate_config(config)
+    # ---- Device policy: strategy, XLA, op determinism, precision. Resolved and checked
+    # before the run directory exists; applied for this run only, restored after. ----
+    strategy, policy = resolve_device_policy(config)
+    with run_settings(policy):
+        return _train(config, workdir, overwrite=overwrite, strategy=strategy, policy=policy)
+
+
+def resolve_device_policy(config: TrainConfig):
+    """The run's strategy and `{"replicas", "xla", "deterministic", "precision"}`, resolved.
+
+    XLA: `distribute.resolve_xla` (`--xla=auto`: on for GPUs); op determinism:
+    `distribute.resolve_determinism` (`--deterministic=auto`: on unless XLA is
+    on; true with XLA is refused for models with max pooling); precision: the
+    Keras dtype policy named by `--precision`.
+
+    Raises:
+        ValueError: an impossible combination, naming the flags.
+    """
+    from noisy_keras import distribute, models
+
+    strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
+    xla = distribute.resolve_xla(
+        {"auto": "auto", "true": True, "false": False}[config.xla], strategy
+    )
+    deterministic = distribute.resolve_determinism(
+        config.deterministic,
+        xla=xla,
+        model_has_max_pooling=config.model in models.MODELS_WITH_MAX_POOLING,
+    )
+    policy = {
+        "replicas": int(strategy.num_replicas_in_sync),
+        "xla": xla,
+        "deterministic": deterministic,
+        "precision": config.precision,
+    }
+    return strategy, policy
+
+
+@contextlib.contextmanager
+def run_settings(policy: dict):
+    """Sets Keras' dtype policy and TensorFlow's op determinism for one run, then restores both.
+
+    `train()` is called in a loop by the experiment runner and by tests: a
+    run's settings must not leak into the next.
+    """
+    import keras
+    import tensorflow as tf
+
+    from noisy_keras import _keras_internals as internals
+
+    previous_policy = keras.config.dtype_policy()
+    previously_deterministic = internals.is_op_determinism_enabled()
+    keras.config.set_dtype_policy(policy["precision"])
+    if policy["deterministic"] and not previously_deterministic:
+        tf.config.experimental.enable_op_determinism()
+    elif previously_deterministic and not policy["deterministic"]:
+        internals.disable_op_determinism()
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        if internals.is_op_determinism_enabled() != previously_deterministic:
+            if previously_deterministic:
+                tf.config.experimental.enable_op_determinism()
+            else:
+                internals.disable_op_determinism()
+
+
+def _train(config: TrainConfig, workdir, *, overwrite: bool, strategy, policy: dict) -> dict:
     workdir = workdir or config.default_workdir()
     workdir_lib.prepare_workdir(workdir, config, overwrite=overwrite)
 
     import keras
-    import tensorflow as tf
 
-    from noisy_keras import distribute, recipe, training
+    from noisy_keras import recipe, training
 
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
+    if config.verbose:
+        print(
+            f"noisy_keras.train: {policy['replicas']} replica(s), XLA "
+            f"{'on' if policy['xla'] else 'off'} (--xla={config.xla}), op determinism "
+            f"{'on' if policy['deterministic'] else 'off'} (--deterministic="
+            f"{config.deterministic}), precision {policy['precision']}",
+            flush=True,
+        )
     replicas = strategy.num_replicas_in_sync
     split = training.split_global_batch(
         config.batch_size, num_replicas=replicas, accumulation_steps=config.accumulation_steps
@@ -135,12 +217,13 @@ def train(config: TrainConfig, workdir: str | None = None, *, overwrite: bool = 
         validation_data=dataset.val_batches(split.step_batch_size),
         callbacks=callbacks,
         strategy=strategy,
-        xla={"auto": "auto", "true": True, "false": False}[config.xla],
+        xla=policy["xla"],
         accumulation_steps=config.accumulation_steps,
         verbose=config.verbose,
     )
     model = result.model
     summary = {"workdir": workdir, "status": result.status, "message": result.message}
+    summary["device_policy"] = policy
     if result.status == "done":
         train_eval = model.evaluate(
             dataset.train_eval_batches(split.step_batch_size), verbose=0, return_dict=True

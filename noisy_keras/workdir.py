@@ -207,6 +207,9 @@ def metrics_csv_callback(path: str, start_time: float):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             optimizer = self.model.optimizer
+            noisy = optimizer  # under mixed_float16 a LossScaleOptimizer wraps the NoisyOptimizer
+            while not hasattr(noisy, "noise_stddev") and hasattr(noisy, "inner_optimizer"):
+                noisy = noisy.inner_optimizer
             row = {
                 "epoch": epoch,
                 "loss": logs.get("loss"),
@@ -219,7 +222,7 @@ def metrics_csv_callback(path: str, start_time: float):
                     else None
                 ),
                 "learning_rate": float(optimizer.learning_rate),
-                "noise_stddev": float(getattr(optimizer, "noise_stddev", 0.0)),
+                "noise_stddev": float(getattr(noisy, "noise_stddev", 0.0)),
                 "wall_time_s": round(time.time() - start_time, 3),
             }
             with open(path, "a", newline="") as f:

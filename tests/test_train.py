@@ -35,6 +35,8 @@ def flag_values():
         (["--lr_decay_epochs=25,x"], "--lr_decay_epochs must be a comma-separated list"),
         (["--optimizer=adagrad"], "value should be one of"),
         (["--lr_scaling=cubic"], "value should be one of"),
+        (["--deterministic=yes"], "value should be one of"),
+        (["--precision=float16"], "value should be one of"),
     ],
 )
 def test_bad_flags_are_rejected_with_the_flag_named(flag_values, argv, message):
@@ -179,3 +181,44 @@ def test_cli_runs_and_a_rerun_from_its_flagfile_resumes(tmp_path):
     )
     assert clash.returncode == 2
     assert "different configuration" in clash.stderr and "--overwrite" in clash.stderr
+
+
+def test_deterministic_true_with_xla_and_max_pooling_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    workdir = tmp_path / "run"
+    config = config_lib.TrainConfig(model="cnn", xla="true", deterministic="true", epochs=1)
+    with pytest.raises(ValueError, match=r"--deterministic=true cannot be combined with XLA"):
+        train_lib.train(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_precision_and_determinism_hold_for_the_run_only(tmp_path):
+    """mixed_float16 for the run (LossScaleOptimizer, float32 logits), then float32 again."""
+    import keras
+
+    from noisy_keras import _keras_internals
+
+    workdir = str(tmp_path / "run")
+    config = config_lib.TrainConfig(**{**TINY, "epochs": 1, "precision": "mixed_float16"})
+    summary = train_lib.train(config, workdir)
+    assert summary["status"] == "done"
+    assert summary["device_policy"] == {
+        "replicas": 1,
+        "xla": False,
+        "deterministic": True,
+        "precision": "mixed_float16",
+    }
+    assert keras.config.dtype_policy().name == "float32"
+    assert not _keras_internals.is_op_determinism_enabled()
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["device_policy"]["precision"] == "mixed_float16"
+    (row,) = _rows(os.path.join(workdir, "metrics.csv"))
+    assert float(row["noise_stddev"]) > 0  # read through the LossScaleOptimizer
+    # As with any Keras model, load a mixed-precision one under its policy (else no loss scale).
+    keras.config.set_dtype_policy("mixed_float16")
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.layers[1].dtype_policy.name == "mixed_float16"
+    assert model.outputs[0].dtype == "float32"
+    assert "--precision=mixed_float16" in open(os.path.join(workdir, "flags.txt")).read()

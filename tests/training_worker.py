@@ -2,7 +2,7 @@
 
 Usage:
     python tests/training_worker.py --workdir DIR --out WEIGHTS.npz [--strategy multiworker]
-        [--pause-at EPOCH,BATCH] [--epochs 3] [--steps-per-epoch 4]
+        [--num-devices 2] [--pause-at EPOCH,BATCH] [--epochs 3] [--steps-per-epoch 4]
 
 It trains a small MLP (with Dropout, so RNG state is part of the run) on a
 fixed synthetic data set with `noisy_keras.training.fit`, under op
@@ -69,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", default="default")
+    parser.add_argument("--num-devices", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=4)
     parser.add_argument("--pause-at", default=None)
@@ -76,7 +77,7 @@ def main(argv=None):
     pause_at = tuple(int(v) for v in args.pause_at.split(",")) if args.pause_at else None
 
     tf.config.experimental.enable_op_determinism()
-    strategy = distribute.make_strategy(args.strategy)
+    strategy = distribute.make_strategy(args.strategy, args.num_devices)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 6)).astype("float32")
     y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")

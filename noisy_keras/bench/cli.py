@@ -8,7 +8,9 @@ Prints one Markdown table per part and writes every number to `--out` (JSON).
 Every comparison is a ratio of medians measured side by side in one process
 (`noisy_keras.bench.harness`); the load average before and after each part is
 recorded with it. Parts, one module each: noise (`noise_overhead`), engine,
-time_to_accuracy, memory.
+memory, gpu_check (every registry model under MirroredStrategy + XLA in mixed
+precision: checks, then throughput; exits with 1 if a check fails),
+time_to_accuracy.
 
 References:
     S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
@@ -33,6 +35,7 @@ PART_MODULES = {
     "noise": "noise_overhead",
     "engine": "engine",
     "memory": "memory",
+    "gpu_check": "gpu_check",
     "time_to_accuracy": "time_to_accuracy",
 }
 """Benchmark parts in the order they run, each with its module in noisy_keras.bench."""
@@ -42,11 +45,11 @@ PART_NAMES = tuple(PART_MODULES)
 def run_benchmarks(*, parts: Sequence[str] = PART_NAMES, quick: bool = False) -> dict:
     """Runs the chosen parts and returns their results with the machine's description.
 
-    Parts run in the order noise, engine, memory, time_to_accuracy (the last
-    one enables TensorFlow's op determinism, as the main job does, which would
-    otherwise affect the others). For the engine part the CPU must already
-    be split into `ENGINE_DEVICES` logical devices when there is no GPU
-    (`distribute.configure_logical_cpus`, before TensorFlow starts).
+    Parts run in the order noise, engine, memory, gpu_check, time_to_accuracy
+    (the last one trains with the main job's defaults). For the engine and
+    gpu_check parts the CPU must already be split into `ENGINE_DEVICES`
+    logical devices when there is no GPU (`distribute.configure_logical_cpus`,
+    before TensorFlow starts).
 
     Args:
         parts: names from `PART_NAMES`.
@@ -124,7 +127,7 @@ def main(argv) -> int:
     parts, quick, out = list(FLAGS.parts), FLAGS.quick, FLAGS.out
     # TensorFlow logs every MirroredStrategy reduction at INFO; keep the console readable.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if "engine" in parts:
+    if "engine" in parts or "gpu_check" in parts:
         import tensorflow as tf
 
         from noisy_keras import distribute
@@ -141,6 +144,10 @@ def main(argv) -> int:
         json.dump(results, f, indent=2)
         f.write("\n")
     print(f"noisy_keras.bench: wrote {out} in {results['meta']['seconds']:.0f}s")
+    failed = results.get("gpu_check", {}).get("failed")
+    if failed:
+        print(f"noisy_keras.bench: gpu_check FAILED for {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
