@@ -34,8 +34,11 @@ _MODEL_INSTANCE_ATTRIBUTES = (
     "_call_has_training_arg",
     "_losses_override",
     "_loss_tracker",
-    "_distribute_strategy",
 )
+# Attributes every keras.layers.Layer instance has.
+_LAYER_INSTANCE_ATTRIBUTES = ("_seed_generators",)
+# Methods of keras.optimizers.Optimizer read below.
+_OPTIMIZER_METHODS = ("_clip_gradients",)
 
 # Methods of tf.data.Dataset read below.
 _DATASET_METHODS = ("_as_serialized_graph",)
@@ -56,6 +59,13 @@ def missing_symbols() -> list[str]:
     for name in _MODEL_METHODS:
         if not hasattr(keras.Model, name):
             missing.append(f"keras.Model.{name}")
+    for name in _OPTIMIZER_METHODS:
+        if not hasattr(keras.optimizers.Optimizer, name):
+            missing.append(f"keras.optimizers.Optimizer.{name}")
+    layer = keras.layers.Dropout(0.5, seed=1)
+    for name in _LAYER_INSTANCE_ATTRIBUTES:
+        if not hasattr(layer, name):
+            missing.append(f"keras.layers.Layer()..{name}")
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
     for name in _MODEL_INSTANCE_ATTRIBUTES:
@@ -129,11 +139,6 @@ def loss_tracker(model: keras.Model):
     return model._loss_tracker
 
 
-def distribute_strategy_or_none(model: keras.Model):
-    """The strategy the model was built under, None if none (`Trainer._distribute_strategy`)."""
-    return model._distribute_strategy
-
-
 def symbolic_build(model: keras.Model, data_batch) -> None:
     """Keras' build of metrics and optimizer from one batch (`Trainer._symbolic_build`)."""
     model._symbolic_build(data_batch=data_batch)
@@ -153,6 +158,40 @@ def replace_symbolic_build(model: keras.Model, function) -> None:
 def flatten_layers(model: keras.Model) -> list:
     """Every layer nested in `model`, depth first, without the model (`Layer._flatten_layers`)."""
     return list(model._flatten_layers(include_self=False))
+
+
+def seed_generator_states(model: keras.Model) -> list:
+    """The state variables of every `keras.random.SeedGenerator` the model's layers own.
+
+    `Layer._seed_generators` (the model's own and its nested layers'), each
+    generator's public `state`. replica_xla shifts these seeds per replica, so
+    that dropout masks differ across replicas; Keras offers no public list of
+    a layer's seed generators.
+    """
+    states, seen = [], set()
+    for layer in model._flatten_layers(include_self=True):
+        for generator in layer._seed_generators:
+            if id(generator.state) not in seen:
+                seen.add(id(generator.state))
+                states.append(generator.state)
+    return states
+
+
+# ---------------------------------------------------------------------------
+# Keras' optimizers (used by noisy_keras.optimizer)
+# ---------------------------------------------------------------------------
+
+
+def clip_gradients(optimizer: keras.optimizers.Optimizer, grads: list) -> list:
+    """Keras' own clipping of `grads` by `optimizer`'s clipnorm, global_clipnorm or clipvalue.
+
+    `BaseOptimizer._clip_gradients`: clipnorm clips each tensor to that L2
+    norm, global_clipnorm all of them jointly, clipvalue each element.
+    NoisyOptimizer takes clipping over from the optimizer it wraps and calls
+    this on the global-batch gradient, so the arithmetic is Keras' own (alpha=0
+    on one device stays bit-identical to the inner optimizer alone).
+    """
+    return optimizer._clip_gradients(list(grads))
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
 STRATEGY_NAMES = ("default", "mirrored", "multiworker")
 XLA_CHOICES = ("auto", "true", "false")
+DETERMINISM_CHOICES = ("auto", "true", "false")
+PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALING_RULES = ("linear", "sqrt", "none")
 MODEL_NAMES = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
 DATASET_NAMES = ("digits", "mnist1d")
@@ -53,11 +55,13 @@ RESUMABLE_FIELDS = ("epochs", "verbose", "data_dir")
 __all__ = [
     "DATASET_NAMES",
     "DATASET_PREFIXES",
+    "DETERMINISM_CHOICES",
     "LR_SCALING_RULES",
     "MODEL_NAMES",
     "NOISE_KINDS",
     "OPTIMIZER_NAMES",
     "PREPROCESSING_NAMES",
+    "PRECISION_CHOICES",
     "RESUMABLE_FIELDS",
     "STRATEGY_NAMES",
     "STREAMING_CHOICES",
@@ -103,7 +107,7 @@ class TrainConfig:
     val_fraction: float = 0.25
     image_size: int = 0
     augment: bool = False
-    deterministic: bool = True
+    deterministic: str = "auto"
     data_dir: str = ""
     verbose: int = 1
     # ---- Noise kinds (added after the fields above; flags.txt files without them
@@ -120,6 +124,8 @@ class TrainConfig:
     zero_init_residual: bool = False
     lars_eeta: float = DEFAULT_LARS_EETA
     top5_accuracy: bool = False
+    # Mixed precision (multi-GPU with XLA)
+    precision: str = "float32"
 
     def flag_strings(self) -> dict:
         """The config as `{flag name: value as written in a flagfile}`, one per field."""
@@ -176,7 +182,7 @@ FIELD_HELP = {
     "val_fraction": "Validation fraction (paper: 3:1).",
     "image_size": "Image side for tfds/folder datasets (0 = default).",
     "augment": "Light image augmentation (random crop, flip).",
-    "deterministic": "TensorFlow op determinism.",
+    "deterministic": "TensorFlow op determinism (auto: on unless XLA is on).",
     "data_dir": "TFDS data directory ('' = TFDS default).",
     "verbose": "0 silent, 1 progress bar, 2 one line per epoch.",
     "noise": (
@@ -201,6 +207,8 @@ FIELD_HELP = {
     "zero_init_residual": "Zero-initialise the last BatchNormalization gamma of each block.",
     "lars_eeta": "LARS trust coefficient eta (optimizer=lars only).",
     "top5_accuracy": "Also report top-5 accuracy.",
+    # Mixed precision (multi-GPU with XLA)
+    "precision": "Keras dtype policy of the run (mixed: float16/bfloat16 compute, float32 logits).",
 }
 
 
@@ -276,7 +284,7 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "val_fraction": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
     "image_size": _int_at_least(0),
     "augment": (lambda v: isinstance(v, bool), "must be true or false"),
-    "deterministic": (lambda v: isinstance(v, bool), "must be true or false"),
+    "deterministic": _one_of(DETERMINISM_CHOICES),
     "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
     "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
     "noise": _one_of(NOISE_KINDS),
@@ -290,6 +298,8 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
     "lars_eeta": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
     "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
+    # Mixed precision (multi-GPU with XLA)
+    "precision": _one_of(PRECISION_CHOICES),
 }
 
 

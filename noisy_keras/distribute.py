@@ -1,4 +1,4 @@
-"""Strategies from a short name, the device policy (XLA on or off), and logical CPU devices.
+"""Strategies from a short name, the device policy (XLA, op determinism), and logical CPU devices.
 
 Logical CPU devices let `MirroredStrategy` run real multi-replica code on a
 laptop and in tests.
@@ -8,7 +8,7 @@ import os
 
 import tensorflow as tf
 
-from noisy_keras.config import STRATEGY_NAMES
+from noisy_keras.config import DETERMINISM_CHOICES, STRATEGY_NAMES
 
 
 def configure_logical_cpus(num_devices: int) -> list:
@@ -203,3 +203,56 @@ def resolve_xla(xla, strategy=None) -> bool:
     if devices:
         return any(tf.DeviceSpec.from_string(d).device_type in ("GPU", "TPU") for d in devices)
     return bool(tf.config.list_logical_devices("GPU"))
+
+
+def resolve_determinism(deterministic, *, xla: bool, model_has_max_pooling: bool) -> bool:
+    """Whether TensorFlow's op determinism is on for a run (the `--deterministic` policy).
+
+    Rule:
+        * "auto" (the default): on without XLA, off with XLA. With XLA on GPUs,
+          op determinism makes XLA pick slower deterministic scatter and
+          convolution code and refuses max pooling's gradient outright, so it
+          is never on by default where it costs something or fails.
+        * "true": on. Refused with XLA for a model with max pooling: XLA has no
+          deterministic gradient of max pooling (select-and-scatter) on any
+          device; TensorFlow fails at the first step with "UNIMPLEMENTED: GPU
+          MaxPool gradient ops do not yet have a deterministic XLA
+          implementation" (on CPU too).
+        * "false": off.
+
+    Either way the added noise is reproducible: it is a function of the seed
+    and the update count. Determinism adds bit-identical reruns (and resumes)
+    of the data gradients themselves.
+
+    Args:
+        deterministic: "auto", "true" or "false" (True and False are taken as
+            "true" and "false").
+        xla: whether the run compiles its steps with XLA (resolved, see
+            `resolve_xla`).
+        model_has_max_pooling: whether the model has a max-pooling layer.
+
+    Returns:
+        True to call `tf.config.experimental.enable_op_determinism()`.
+
+    Raises:
+        ValueError: an unknown `deterministic`, or "true" with XLA and max
+            pooling (naming --deterministic, --xla and what is allowed).
+    """
+    choice = {True: "true", False: "false"}.get(deterministic, deterministic)
+    if choice not in DETERMINISM_CHOICES:
+        raise ValueError(
+            f"deterministic must be one of {', '.join(DETERMINISM_CHOICES)}; received "
+            f"deterministic={deterministic!r}."
+        )
+    if choice == "auto":
+        return not xla
+    if choice == "false":
+        return False
+    if xla and model_has_max_pooling:
+        raise ValueError(
+            "--deterministic=true cannot be combined with XLA (--xla=true, or --xla=auto on "
+            "GPUs) for a model with max pooling: XLA has no deterministic max-pooling gradient "
+            "on any device. Allowed: --deterministic=auto or --deterministic=false with XLA "
+            "(the noise stays reproducible), or --deterministic=true with --xla=false."
+        )
+    return True

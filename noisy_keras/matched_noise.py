@@ -434,4 +434,5 @@ class MatchedNoiseOptimizer(NoisyOptimizer):
             "lr_multiplier": self.lr_multiplier,
             "seed": self.seed,
             "ema_decay": self.ema_decay,
+            **self.clipping,
         }

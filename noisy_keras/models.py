@@ -20,6 +20,12 @@ each block starts as its shortcut (Goyal et al. 2017, Sec. 5.1).
 Weights are initialized from `seed`: each layer's initializers get their own
 seed derived from (seed, layer index), so the same seed gives the same weights
 without touching global random state.
+
+Under a mixed-precision dtype policy (`keras.config.set_dtype_policy(
+"mixed_float16")` or `"mixed_bfloat16"`) every model ends in a float32 linear
+activation, so its logits, and the loss, are float32 (Keras' advice for mixed
+precision). `cnn` and `resnet50` have max pooling (`MODELS_WITH_MAX_POOLING`),
+whose gradient XLA cannot compute deterministically.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ RESIDUAL_LAST_BATCH_NORM = {
     "resnet50": r"^conv\d+_block\d+_3_bn$",
 }
 """Per model, the names of the BatchNormalization layers that end a residual block (re.match)."""
+MODELS_WITH_MAX_POOLING = ("cnn", "resnet50")
 _INITIALIZER_KEYS = (
     "kernel_initializer",
     "bias_initializer",
@@ -141,6 +148,40 @@ class ChannelZeroPadding(layers.Layer):
         return {**super().get_config(), "before": self.before, "after": self.after}
 
 
+@keras.saving.register_keras_serializable(package="noisy_keras")
+class Subsample2D(layers.Layer):
+    """Keeps every `stride`-th row and column (from the first): `x[:, ::stride, ::stride, :]`.
+
+    The stride-s subsampling of ResNet option A's shortcut. Equal to
+    `MaxPooling2D(1, strides=s)` in value and gradient, but a strided slice,
+    whose gradient XLA computes deterministically (max pooling's it cannot).
+
+    Args:
+        stride: the step, an integer >= 1.
+    """
+
+    def __init__(self, stride: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stride = check_int("stride", stride, 1)
+
+    def call(self, inputs):
+        return inputs[:, :: self.stride, :: self.stride, :]
+
+    def compute_output_shape(self, input_shape):
+        def subsampled(n):
+            return None if n is None else -(-n // self.stride)
+
+        return (
+            input_shape[0],
+            subsampled(input_shape[1]),
+            subsampled(input_shape[2]),
+            input_shape[3],
+        )
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "stride": self.stride}
+
+
 def _resnet20(input_shape, num_classes):
     """CIFAR ResNet-20 (He et al. 2016, Sec. 4.2): 6n+2 layers with n = 3.
 
@@ -175,7 +216,7 @@ def _resnet20(input_shape, num_classes):
             y = conv_bn(y, filters, 1, f"{name}_2")
             residual = x
             if strides != 1 or x.shape[-1] != filters:
-                residual = layers.MaxPooling2D(1, strides=strides, name=f"{name}_subsample")(x)
+                residual = Subsample2D(strides, name=f"{name}_subsample")(x)
                 extra = filters - x.shape[-1]
                 residual = ChannelZeroPadding(extra // 2, extra - extra // 2, name=f"{name}_pad")(
                     residual
@@ -332,4 +373,28 @@ def build_model(
         )
     model = _BUILDERS[name](tuple(int(d) for d in input_shape), int(num_classes))
     zero_gamma = RESIDUAL_LAST_BATCH_NORM[name] if zero_init_residual else None
-    return _seeded_clone(model, int(seed), ghost_batch_size, zero_gamma)
+    return _float32_logits(_seeded_clone(model, int(seed), ghost_batch_size, zero_gamma))
+
+
+def _float32_logits(model: keras.Model) -> keras.Model:
+    """`model` with a float32 linear activation after its logits, under a mixed dtype policy."""
+    if keras.config.dtype_policy().compute_dtype == "float32":
+        return model
+    logits = layers.Activation("linear", dtype="float32", name="logits_float32")(model.outputs[0])
+    return keras.Model(model.inputs, logits, name=model.name)
+
+
+def has_max_pooling(model: keras.Model) -> bool:
+    """Whether any layer of `model`, nested ones included, is a max-pooling layer (1-D/2-D/3-D).
+
+    XLA has no deterministic gradient for max pooling: see
+    `noisy_keras.distribute.resolve_determinism`.
+    """
+    pooling = (layers.MaxPooling1D, layers.MaxPooling2D, layers.MaxPooling3D)
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, pooling):
+            return True
+        stack.extend(getattr(layer, "layers", []))
+    return False

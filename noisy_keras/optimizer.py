@@ -1,8 +1,9 @@
 """NoisyOptimizer: wraps any Keras 3 optimizer and adds annealed Gaussian noise to its gradients.
 
-The wrapper owns no arithmetic of its own beyond the noise: it adds
-n_t ~ N(0, sigma_t^2 I), sigma_t^2 = alpha / (1 + t)^gamma, to every gradient and
-hands the result to the inner optimizer, which then clips, decays, accumulates,
+The wrapper owns the noise and the gradient clipping: it clips the data
+gradient of the global batch (taking clipnorm / global_clipnorm / clipvalue over
+from the optimizer it wraps), adds n_t ~ N(0, sigma_t^2 I), sigma_t^2 = alpha /
+(1 + t)^gamma, and hands the result to the inner optimizer, which then decays,
 all-reduces and updates exactly as it would without the wrapper.
 
 References:
@@ -17,7 +18,11 @@ import secrets
 import keras
 import tensorflow as tf
 
+from noisy_keras import _keras_internals as internals
 from noisy_keras import noise as noise_lib
+
+CLIPPING_ARGUMENTS = ("clipnorm", "global_clipnorm", "clipvalue")
+"""The inner optimizer's clipping settings, which the wrapper takes over."""
 
 # Base-optimizer keyword arguments the wrapper refuses, with their defaults
 # (a serialized config may carry the defaults; anything else is an error).
@@ -73,9 +78,21 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
           exactly one n_t, whatever R is.
         * `tf.IndexedSlices` gradients (e.g. from `Embedding`) are made dense:
           white noise touches every coordinate, rows outside the batch included.
-        * Noise is added before the inner optimizer's clipping, weight decay and
-          momentum; if the inner optimizer has `loss_scale_factor` the noise is
-          scaled with it so that it is the right size after unscaling. Under
+        * Clipping belongs to the wrapper. It takes `clipnorm`,
+          `global_clipnorm` or `clipvalue` over from the wrapped optimizer
+          (setting them to None there, and keeping them in its own config), and
+          applies Keras' rule to the data gradient of the global batch: under R
+          replicas it SUM-all-reduces the replicas' gradients first (one extra
+          all-reduce per update, only when clipping is set), clips, and hands
+          clip(g) / R back, which the inner optimizer's all-reduce sums to
+          clip(g). So 1 and R replicas give the same update (exactly when R is a
+          power of two; otherwise up to float rounding of / R). The noise is
+          added after clipping and is never clipped. Clipping with a
+          `loss_scale_factor` on the wrapped optimizer is refused (it would clip
+          scaled gradients).
+        * Noise is added before the inner optimizer's weight decay and momentum;
+          if the inner optimizer has `loss_scale_factor` the noise is scaled
+          with it so that it is the right size after unscaling. Under
           `mixed_float16`, `compile` wraps this optimizer in a
           `LossScaleOptimizer`, which unscales before calling it.
         * alpha = 0 adds nothing: updates are bit-identical to the inner optimizer.
@@ -83,7 +100,8 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance to wrap (SGD, Adam,
             AdamW, RMSprop, Lion, ...). Set learning rate, clipping and weight
-            decay on it, not on the wrapper; gradient accumulation on the engine.
+            decay on it, not on the wrapper (the wrapper takes the clipping
+            over, see above); gradient accumulation on the engine.
         alpha: noise variance at t = 0 (0 turns noise off).
         gamma: decay exponent of the variance.
         seed: integer in [0, 2**31 - 1]; None draws one at construction, which
@@ -130,8 +148,14 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
             )
         _check_inner_optimizer(optimizer)
         noise_lib.validate_noise_parameters(alpha, gamma, seed)
-        super().__init__(learning_rate=0.0, name=name)
+        clipping = {arg: getattr(optimizer, arg) for arg in CLIPPING_ARGUMENTS}
+        _check_clipping(optimizer, clipping)
+        super().__init__(learning_rate=0.0, name=name, **clipping)
         self.inner_optimizer = optimizer
+        # Clipping is the wrapper's: the inner optimizer would clip each replica's
+        # share of the gradient before its all-reduce, and the noise with it.
+        for arg in CLIPPING_ARGUMENTS:
+            setattr(optimizer, arg, None)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
         self.seed = int(seed) if seed is not None else secrets.randbelow(noise_lib.SEED_MAX + 1)
@@ -164,6 +188,11 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+
+    @property
+    def clipping(self) -> dict:
+        """The clipping settings the wrapper took over, e.g. {"clipnorm": 1.0} ({} if none)."""
+        return {arg: getattr(self, arg) for arg in CLIPPING_ARGUMENTS if getattr(self, arg)}
 
     @property
     def noise_stddev(self):
@@ -211,9 +240,36 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
                 f"Got {len(grads)} gradients for {len(trainable_variables)} variables; "
                 "they must correspond one to one."
             )
+        if self.clipping:
+            grads = self._clip_global_batch(grads, trainable_variables)
         if self.adds_noise:
             grads = self._add_noise(grads, trainable_variables)
         self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _clip_global_batch(self, grads, trainable_variables):
+        """clip(g) / R on each of R replicas, g the global batch's gradient (see the class)."""
+        targets = [
+            i
+            for i, (g, v) in enumerate(zip(grads, trainable_variables))
+            if g is not None and not getattr(v, "overwrite_with_gradient", False)
+        ]
+        if not targets:
+            return grads
+        parts = [
+            tf.convert_to_tensor(grads[i]) if isinstance(grads[i], tf.IndexedSlices) else grads[i]
+            for i in targets
+        ]
+        replicas = _replicas_summing_gradients()
+        if replicas > 1:
+            context = tf.distribute.get_replica_context()
+            parts = context.all_reduce(tf.distribute.ReduceOp.SUM, parts)
+        parts = internals.clip_gradients(self, parts)
+        if replicas > 1:
+            parts = [p / tf.cast(replicas, p.dtype) for p in parts]
+        clipped = list(grads)
+        for i, p in zip(targets, parts, strict=True):
+            clipped[i] = p
+        return clipped
 
     def _add_noise(self, grads, trainable_variables):
         inner = self.inner_optimizer
@@ -255,15 +311,37 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
             "alpha": self.alpha,
             "gamma": self.gamma,
             "seed": self.seed,
+            **self.clipping,
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        """Rebuilds the wrapper; clipping settings go back on the inner optimizer, then are taken
+        over again, as when the wrapper was first built."""
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )
+        for arg in CLIPPING_ARGUMENTS:
+            value = config.pop(arg, None)
+            if value is not None:
+                setattr(inner, arg, value)
         return cls(inner, **config)
+
+
+def _check_clipping(optimizer, clipping: dict) -> None:
+    """Raises ValueError for clipping the wrapper cannot take over correctly."""
+    chosen = {arg: value for arg, value in clipping.items() if value is not None}
+    if chosen and getattr(optimizer, "loss_scale_factor", None) is not None:
+        arg, value = next(iter(chosen.items()))
+        raise ValueError(
+            f"`optimizer` has {arg}={value!r} and loss_scale_factor="
+            f"{optimizer.loss_scale_factor!r}; NoisyOptimizer clips the global-batch gradient "
+            "before the wrapped optimizer unscales it, so it would clip scaled gradients. "
+            f"Allowed: {arg} without loss_scale_factor (for mixed precision use the "
+            "'mixed_float16' dtype policy, whose LossScaleOptimizer unscales before "
+            "NoisyOptimizer), or loss_scale_factor without clipping."
+        )
 
 
 def _check_inner_optimizer(optimizer) -> None:

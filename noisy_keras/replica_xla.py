@@ -16,6 +16,7 @@ References:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import keras
 import tensorflow as tf
@@ -24,7 +25,14 @@ from noisy_keras import _keras_internals as internals
 from noisy_keras import noise_hooks
 from noisy_keras._validation import check_int
 
-__all__ = ["ATTRIBUTE", "enable_replica_xla", "replica_steps", "replica_xla_functions"]
+__all__ = [
+    "ATTRIBUTE",
+    "enable_replica_xla",
+    "replica_steps",
+    "replica_xla_functions",
+    "seed_state_positions",
+    "skip_non_finite_on_all_replicas",
+]
 
 ATTRIBUTE = "_noisy_keras_replica_xla"
 """Name of the model attribute holding its per-replica steps."""
@@ -52,6 +60,18 @@ def _changed(old_values, new_values) -> list:
     return [None if new is old else new for old, new in zip(old_values, new_values, strict=True)]
 
 
+def _check_state_unchanged_in_length(name: str, old_values, new_values) -> None:
+    """Raises ValueError if the traced step created state variables (it must only update them)."""
+    if len(new_values) != len(old_values):
+        raise ValueError(
+            f"The model's {name} went from {len(old_values)} to {len(new_values)} while the "
+            "per-replica step was traced: the compiled loss or metrics were built lazily inside "
+            "it. `model.fit` and `evaluate` build them from their first batch before tracing; "
+            "when calling the per-replica functions directly, run `model.evaluate` on one "
+            "batch first."
+        )
+
+
 def _mean_over_replicas(values) -> list:
     """Averages the changed floating-point values over the replicas in sync.
 
@@ -77,6 +97,88 @@ def _mean_over_replicas(values) -> list:
     return values
 
 
+# ---------------------------------------------------------------------------
+# Seeded layer randomness per replica
+# ---------------------------------------------------------------------------
+
+REPLICA_SEED_STRIDE = 0x9E3779B9
+"""Replica r adds r * REPLICA_SEED_STRIDE to the first word of every seed state."""
+
+
+def seed_state_positions(model: keras.Model) -> list[int]:
+    """Positions in `model.non_trainable_variables` of its layers' `SeedGenerator` states."""
+    states = {id(state) for state in internals.seed_generator_states(model)}
+    return [i for i, v in enumerate(model.non_trainable_variables) if id(v) in states]
+
+
+def _replica_seed_offset(dtype):
+    """[r * REPLICA_SEED_STRIDE, 0] for replica r in sync, or None with one replica.
+
+    Integer arithmetic wraps around, so adding and later subtracting it is exact
+    for every integer seed dtype.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    replica = tf.cast(context.replica_id_in_sync_group, dtype)
+    stride = tf.constant(REPLICA_SEED_STRIDE, dtype)
+    return tf.stack([replica * stride, tf.zeros((), dtype)])
+
+
+def _shift_seeds(values, positions, sign: int) -> list:
+    """Adds (sign=1) or removes (sign=-1) this replica's offset to the seed states at `positions`.
+
+    Rule: a layer's `SeedGenerator` state s = [seed, counter] is mirrored, so
+    without this every replica draws the same dropout mask from its share of
+    the global batch. Replica r runs its step with s + [r * stride, 0] and
+    writes back s' - [r * stride, 0], where s' is what the step returned: the
+    draws differ across replicas as across the examples of one device's
+    global batch, every replica stores the same state, and replica 0 (and
+    one device) draws exactly what Keras' own step draws.
+    """
+    if not positions:
+        return values
+    values = list(values)
+    for i in positions:
+        if values[i] is None:
+            continue
+        offset = _replica_seed_offset(values[i].dtype)
+        if offset is None:
+            return values
+        values[i] = values[i] + offset if sign > 0 else values[i] - offset
+    return values
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision: one decision per step for all replicas
+# ---------------------------------------------------------------------------
+
+
+def skip_non_finite_on_all_replicas(gradients, optimizer) -> list:
+    """Gives every replica non-finite gradients when any replica's are non-finite.
+
+    Rule: Keras' `LossScaleOptimizer` under `tf.distribute` checks the
+    gradients of the first replica only, before they are all-reduced, so an
+    overflow on replica 1 alone would be applied (as inf) and the loss scale
+    raised. Here each replica counts its non-finite flag into one scalar SUM
+    all-reduce; if it is > 0 every replica's gradients are multiplied by NaN,
+    so the loss-scale optimizer skips the update on all replicas, lowers the
+    scale once and leaves `iterations` (the noise step) unchanged, as on one
+    device. No-op for other optimizers and for one replica.
+    """
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return gradients
+    context = tf.distribute.get_replica_context()
+    present = [g for g in gradients if g is not None]
+    if context is None or context.num_replicas_in_sync == 1 or not present:
+        return gradients
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in present]))
+    bad = tf.cast(tf.logical_not(finite), tf.float32)
+    bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    factor = tf.where(bad > 0.0, float("nan"), 1.0)
+    return [None if g is None else g * tf.cast(factor, g.dtype) for g in gradients]
+
+
 def _batch_size(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
@@ -94,7 +196,12 @@ class _ReplicaXLASteps:
     replica compiles and runs it on its own device. Around the core, in the
     replica context but outside XLA, the step writes those new values back,
     updates the metrics and calls `optimizer.apply`, whose SUM all-reduce of
-    the gradients is thereby left to `tf.distribute` (NCCL on GPUs).
+    the gradients is thereby left to `tf.distribute` (NCCL on GPUs). There,
+    too, each replica shifts the layers' seed states by its replica id for the
+    core (`_shift_seeds`: dropout masks differ across replicas), and under a
+    `LossScaleOptimizer` all replicas agree on whether the step's gradients
+    are finite (`skip_non_finite_on_all_replicas`). A model without trainable
+    weights gets Keras' warning and no update, as in Keras' own `fit`.
 
     Loss semantics follow Keras' TensorFlow trainer: the compiled loss of a
     replica's batch is multiplied by 1 / num_replicas before the SUM
@@ -163,6 +270,7 @@ class _ReplicaXLASteps:
                 sample_weight=sample_weight,
                 training=kwargs.get("training", True),
             )
+        _check_state_unchanged_in_length("metrics_variables", old_metrics, metrics)
         non_trainable = _changed(old_non_trainable, non_trainable)
         metrics = _changed(old_metrics, metrics)
         return loss, y_pred, non_trainable, metrics
@@ -184,10 +292,24 @@ class _ReplicaXLASteps:
         return loss, y_pred, non_trainable, metrics
 
     def _predictions(self, trainable, non_trainable, x):
-        y_pred, _ = self.model.stateless_call(trainable, non_trainable, x, **self._eval_kwargs)
-        return y_pred
+        old_non_trainable = list(non_trainable)
+        y_pred, non_trainable = self.model.stateless_call(
+            trainable, non_trainable, x, **self._eval_kwargs
+        )
+        # Seeded layers that draw at inference (Keras' predict advances their state too).
+        return y_pred, _changed(old_non_trainable, non_trainable)
 
     # ---- steps (replica context, outside XLA) ---------------------------------
+
+    def _state_in(self):
+        """This replica's non-trainable values for a core, seeds shifted (`_shift_seeds`)."""
+        seeds = seed_state_positions(self.model)
+        return seeds, _shift_seeds(_values(self.model.non_trainable_variables), seeds, +1)
+
+    def _state_out(self, seeds, non_trainable) -> None:
+        """Writes back what a core changed: seeds unshifted, floats averaged over replicas."""
+        non_trainable = _shift_seeds(non_trainable, seeds, -1)
+        _assign(self.model.non_trainable_variables, _mean_over_replicas(non_trainable))
 
     def _update_metrics(self, loss, x, y, y_pred, sample_weight):
         model = self.model
@@ -214,15 +336,14 @@ class _ReplicaXLASteps:
     def _train_step(self, data, update, micro_batch=0):
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if not model.trainable_variables:
-            raise ValueError("The model has no trainable variables; there is nothing to train.")
         optimizer = model.optimizer
         # Keras' optimizers scale linearly (loss * factor); read the factor here,
         # outside XLA, since a LossScaleOptimizer keeps it in a variable.
         loss_scale = tf.convert_to_tensor(optimizer.scale_loss(tf.constant(1.0, tf.float32)))
+        seeds, non_trainable = self._state_in()
         core_inputs = (
             _values(model.trainable_variables),
-            _values(model.non_trainable_variables),
+            non_trainable,
             _values(model.metrics_variables),
             loss_scale,
             x,
@@ -237,14 +358,20 @@ class _ReplicaXLASteps:
             outputs = self.noise.loss_and_gradients(noise, core_inputs)
             loss, gradients, y_pred, non_trainable, metrics = outputs
         # ---- end noise kinds ----
-        _assign(model.non_trainable_variables, _mean_over_replicas(non_trainable))
+        self._state_out(seeds, non_trainable)
         _assign(model.metrics_variables, metrics)
+        if not model.trainable_variables:
+            # Keras' own train_step: warn, update no weights, keep metrics and RNG state.
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+            return self._update_metrics(loss, x, y, y_pred, sample_weight)
         gradients = [
             tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients
         ]
         self.noise.observe(noise, gradients, update, loss_scale)  # matched: once per update
         if self.accumulators is None:
-            optimizer.apply(gradients, model.trainable_variables)
+            optimizer.apply(
+                skip_non_finite_on_all_replicas(gradients, optimizer), model.trainable_variables
+            )
         elif not update:
             for accumulator, g in zip(self.accumulators, gradients, strict=True):
                 if g is not None:
@@ -257,7 +384,9 @@ class _ReplicaXLASteps:
             with tf.control_dependencies([a for a in averaged if a is not None]):
                 for accumulator in self.accumulators:
                     accumulator.assign(tf.zeros_like(accumulator))
-            optimizer.apply(averaged, model.trainable_variables)
+            optimizer.apply(
+                skip_non_finite_on_all_replicas(averaged, optimizer), model.trainable_variables
+            )
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
     def make_train_function(self, force=False):
@@ -297,24 +426,28 @@ class _ReplicaXLASteps:
     def test_step(self, data):
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        seeds, non_trainable = self._state_in()
         loss, y_pred, non_trainable, metrics = self.loss_and_predictions(
             _values(model.trainable_variables),
-            _values(model.non_trainable_variables),
+            non_trainable,
             _values(model.metrics_variables),
             x,
             y,
             sample_weight,
         )
-        _assign(model.non_trainable_variables, _mean_over_replicas(non_trainable))
+        self._state_out(seeds, non_trainable)
         _assign(model.metrics_variables, metrics)
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
     def predict_step(self, data):
         model = self.model
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.predictions(
-            _values(model.trainable_variables), _values(model.non_trainable_variables), x
+        seeds, non_trainable = self._state_in()
+        y_pred, non_trainable = self.predictions(
+            _values(model.trainable_variables), non_trainable, x
         )
+        self._state_out(seeds, non_trainable)
+        return y_pred
 
 
 def _local_value(strategy, value):
@@ -333,9 +466,10 @@ def _symbolic_build_hook(model: keras.Model):
     """
 
     def maybe_symbolic_build(iterator=None, data_batch=None):
-        strategy = internals.distribute_strategy_or_none(model)
-        if strategy is None:
-            return
+        # Unlike Keras, build also without a strategy (under the default one): the
+        # compiled loss and metrics must exist before the pure core is traced, or
+        # they would create their variables inside it (see _forward_and_loss).
+        strategy = model.distribute_strategy
         if iterator is not None:
             for _, _, it in iterator:
                 data_batch = tf.nest.map_structure(
@@ -458,8 +592,9 @@ def enable_replica_xla(
         if _overridden(model, name):
             raise ValueError(
                 f"`model`'s class {type(model).__name__} overrides `{name}`; enable_replica_xla "
-                "replaces the step methods and would silently drop it. Allowed: models whose "
-                "class overrides only `call`, `compute_loss` or `compute_metrics`."
+                "replaces the step methods and would silently drop it. Instead, move what it "
+                "does into `call`, `compute_loss` or `compute_metrics` (which the engine runs), "
+                "or train this model with Keras' own `fit` without enable_replica_xla."
             )
     if jit_compile not in (True, False):
         raise ValueError(f"jit_compile must be True or False; received {jit_compile!r}.")

@@ -15,6 +15,7 @@ Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -49,6 +50,8 @@ def define_flags() -> None:
         "strategy": config_lib.STRATEGY_NAMES,
         "xla": config_lib.XLA_CHOICES,
         "noise": config_lib.NOISE_KINDS,
+        "deterministic": config_lib.DETERMINISM_CHOICES,
+        "precision": config_lib.PRECISION_CHOICES,
     }
     for field in dataclasses.fields(TrainConfig):
         name, default = field.name, getattr(defaults, field.name)
@@ -145,10 +148,13 @@ def train(
         each whole split, gap (train - validation accuracy) and wall_time_s
         (training time summed over sessions). For a run that was already
         finished, the stored summary with `already_done=True` added (nothing
-        is written).
+        is written). Also `device_policy`: the replicas, XLA, op determinism and
+        precision the run resolved.
 
     Raises:
-        ValueError, FileNotFoundError: bad input; nothing was created or deleted.
+        ValueError, FileNotFoundError: bad input, or an impossible device policy
+            (e.g. --deterministic=true with XLA for a model with max pooling);
+            nothing was created or deleted.
         ConnectionError: a TFDS dataset that is not prepared cannot be downloaded.
         KeyboardInterrupt: interrupted; status "interrupted", checkpoints kept.
     """
@@ -158,15 +164,87 @@ def train(
     plan = workdir_lib.check_workdir(workdir, config, overwrite=overwrite)
     if plan.action == "done":
         return {**plan.summary, "already_done": True}
+    # Device policy: strategy, XLA, op determinism, precision. Resolved and checked
+    # before the run directory exists; applied for this run only, restored after.
+    strategy, policy = resolve_device_policy(config)
+    with run_settings(policy):
+        return _run(config, workdir, plan, strategy, policy, log)
 
+
+def resolve_device_policy(config: TrainConfig):
+    """The run's strategy and `{"replicas", "xla", "deterministic", "precision"}`, resolved.
+
+    XLA: `distribute.resolve_xla` (`--xla=auto`: on for GPUs); op determinism:
+    `distribute.resolve_determinism` (`--deterministic=auto`: on unless XLA is
+    on; true with XLA is refused for models with max pooling); precision: the
+    Keras dtype policy named by `--precision`.
+
+    Raises:
+        ValueError: an impossible combination, naming the flags.
+    """
+    from noisy_keras import distribute, models
+
+    strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
+    xla = distribute.resolve_xla(
+        {"auto": "auto", "true": True, "false": False}[config.xla], strategy
+    )
+    deterministic = distribute.resolve_determinism(
+        config.deterministic,
+        xla=xla,
+        model_has_max_pooling=config.model in models.MODELS_WITH_MAX_POOLING,
+    )
+    policy = {
+        "replicas": int(strategy.num_replicas_in_sync),
+        "xla": xla,
+        "deterministic": deterministic,
+        "precision": config.precision,
+    }
+    return strategy, policy
+
+
+@contextlib.contextmanager
+def run_settings(policy: dict):
+    """Sets Keras' dtype policy and TensorFlow's op determinism for one run, then restores both.
+
+    `train()` is called in a loop by the experiment runner and by tests: a
+    run's settings must not leak into the next.
+    """
     import keras
     import tensorflow as tf
 
-    from noisy_keras import distribute, recipe, training
+    from noisy_keras import _keras_internals as internals
 
-    if config.deterministic:
+    previous_policy = keras.config.dtype_policy()
+    previously_deterministic = internals.is_op_determinism_enabled()
+    keras.config.set_dtype_policy(policy["precision"])
+    if policy["deterministic"] and not previously_deterministic:
         tf.config.experimental.enable_op_determinism()
-    strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
+    elif previously_deterministic and not policy["deterministic"]:
+        internals.disable_op_determinism()
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        if internals.is_op_determinism_enabled() != previously_deterministic:
+            if previously_deterministic:
+                tf.config.experimental.enable_op_determinism()
+            else:
+                internals.disable_op_determinism()
+
+
+def _run(config, workdir, plan, strategy, policy, log) -> dict:
+    """`train` after the checks that need no TensorFlow, under the run's device settings."""
+    import keras
+
+    from noisy_keras import recipe, training
+
+    if config.verbose >= 2:  # one line per epoch: the device policy heads it
+        log(
+            f"noisy_keras.train: {policy['replicas']} replica(s), XLA "
+            f"{'on' if policy['xla'] else 'off'} (--xla={config.xla}), op determinism "
+            f"{'on' if policy['deterministic'] else 'off'} (--deterministic="
+            f"{config.deterministic}), precision {policy['precision']}"
+        )
     split = training.split_global_batch(
         config.batch_size,
         num_replicas=strategy.num_replicas_in_sync,
@@ -224,11 +302,11 @@ def train(
                 validation_data=dataset.val_batches(eval_batch_size),
                 callbacks=callbacks,
                 strategy=strategy,
-                xla={"auto": "auto", "true": True, "false": False}[config.xla],
+                xla=policy["xla"],
                 accumulation_steps=config.accumulation_steps,
                 verbose=config.verbose,
             )
-        return _report(config, workdir, result, dataset, eval_batch_size)
+        return _report(config, workdir, result, dataset, eval_batch_size, policy)
     except KeyboardInterrupt:
         completed = _epochs_in_checkpoint(workdir)
         workdir_lib.write_status(
@@ -249,11 +327,13 @@ def train(
         raise
 
 
-def _report(config, workdir, result, dataset, batch_size) -> dict:
+def _report(config, workdir, result, dataset, batch_size, policy) -> dict:
     """After training: evaluates each whole split, saves the model, plots, writes the summary."""
     metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     rows = workdir_lib.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     summary = {"workdir": workdir, "status": result.status, "message": result.message}
+    summary["device_policy"] = policy
+    summary["device_policy"] = policy
     if result.status == "done":
         model = result.model
         train_eval = model.evaluate(

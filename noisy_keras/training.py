@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from noisy_keras import checkpointing, data, distribute, replica_xla
+from noisy_keras import _keras_internals as internals
+from noisy_keras import checkpointing, data, distribute, models, replica_xla
 from noisy_keras import workdir as workdir_lib
 from noisy_keras._validation import check_int
 
@@ -284,6 +285,14 @@ def fit(
     if not model.compiled:
         raise ValueError("`model` must be compiled (model.compile(optimizer=..., loss=...)).")
     use_xla = distribute.resolve_xla(xla, strategy)
+    if use_xla and internals.is_op_determinism_enabled() and models.has_max_pooling(model):
+        raise ValueError(
+            "xla=True with TensorFlow's op determinism on "
+            "(tf.config.experimental.enable_op_determinism()) for a model with max pooling: XLA "
+            "has no deterministic max-pooling gradient, and the first step would fail. Allowed: "
+            "xla=False, or op determinism off (the noise stays reproducible: it is a function "
+            "of the seed and the update count)."
+        )
     steps = replica_xla.replica_steps(model)
     if steps is None or steps.jit_compile != use_xla or steps.accumulation_steps != k:
         replica_xla.enable_replica_xla(model, jit_compile=use_xla, accumulation_steps=k)

@@ -48,6 +48,7 @@ def test_quick_run_has_every_part_and_prints_tables(quick_results):
         "validation accuracy",
         "memory",
         "Streamed folder input",
+        "GPU check",
     ):
         assert heading in stdout
     # Labelled as a smoke test before and after the tables, and in the JSON.
@@ -110,6 +111,44 @@ def test_engine_reports_three_paths_with_consistent_throughput(quick_results):
             rows["engine_mirrored_xla"]["examples_per_s"] / rows[other]["examples_per_s"],
             rel=1e-12,
         )
+
+
+def test_gpu_check_smoke_run_checks_xla_replicas_and_loss_and_measures(quick_results):
+    """On CPU: mlp in mixed_float16 on 2 logical devices; the GPU run adds the other models."""
+    gpu_check = quick_results[0]["gpu_check"]
+    assert gpu_check["precision"] == "mixed_float16" and gpu_check["failed"] == []
+    (case,) = gpu_check["cases"]
+    assert case["model"] == "mlp" and case["replicas"] == ENGINE_DEVICES
+    assert case["precision"] == "mixed_float16"
+    for check in ("xla_compiled", "replicas_identical", "loss_finite", "loss_scaled", "ok"):
+        assert case[check] is True, check
+    assert case["train_traces"] >= 1 and len(case["losses"]) == 2
+    throughput = case["throughput"]
+    assert throughput["precision"] == "mixed_float16"
+    assert throughput["global_batch_size"] == case["global_batch_size"]
+    rows = {row["config"]: row for row in throughput["configs"]}
+    for other in ("keras_mirrored", "keras_single_xla"):
+        assert throughput[f"engine_vs_{other}"] == pytest.approx(
+            rows["engine_mirrored_xla"]["examples_per_s"] / rows[other]["examples_per_s"],
+            rel=1e-12,
+        )
+
+
+def test_gpu_check_sees_replicas_that_differ():
+    import keras
+    import numpy as np
+
+    from noisy_keras.bench import gpu_check
+    from noisy_keras.distribute import make_strategy
+
+    with make_strategy("mirrored", 2).scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    assert gpu_check.replicas_identical(model)
+    copy = model.layers[0].kernel.value.values[1]
+    copy.assign(np.asarray(copy) + 1.0)
+    assert not gpu_check.replicas_identical(model)
 
 
 def test_time_to_accuracy_reports_each_configuration(quick_results):

@@ -75,3 +75,15 @@ def test_config_module_imports_neither_tensorflow_nor_keras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr[-1000:]
+
+
+def test_determinism_and_precision_take_only_their_choices():
+    for name, value, message in [
+        ("deterministic", True, r"deterministic must be one of auto, true, false"),
+        ("precision", "float16", r"precision must be one of float32, mixed_float16, mixed_b"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            config_lib.validate_config(dataclasses.replace(TrainConfig(), **{name: value}))
+    # Flagfiles written before --deterministic had an 'auto' still read.
+    assert config_lib.config_from_strings({"deterministic": "true"}).deterministic == "true"
+    assert TrainConfig().deterministic == "auto" and TrainConfig().precision == "float32"

@@ -69,3 +69,36 @@ def test_multiworker_needs_tf_config(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match=r"name='multiworker' needs the TF_CONFIG"):
         distribute.make_strategy("multiworker")
+
+
+@pytest.mark.parametrize(
+    "deterministic, xla, max_pooling, expected",
+    [
+        ("auto", False, True, True),
+        ("auto", True, False, False),
+        ("auto", True, True, False),
+        ("true", False, True, True),
+        ("true", True, False, True),
+        ("false", False, False, False),
+        ("false", True, True, False),
+        (True, False, True, True),  # Python booleans, as older callers pass them
+        (False, True, False, False),
+    ],
+)
+def test_determinism_policy(deterministic, xla, max_pooling, expected):
+    resolved = distribute.resolve_determinism(
+        deterministic, xla=xla, model_has_max_pooling=max_pooling
+    )
+    assert resolved is expected
+
+
+def test_determinism_true_with_xla_and_max_pooling_is_refused_naming_the_flags():
+    with pytest.raises(
+        ValueError,
+        match=r"--deterministic=true cannot be combined with XLA \(--xla=true, or --xla=auto on "
+        r"GPUs\) for a model with max pooling.*Allowed: --deterministic=auto or "
+        r"--deterministic=false with XLA.*or --deterministic=true with --xla=false",
+    ):
+        distribute.resolve_determinism("true", xla=True, model_has_max_pooling=True)
+    with pytest.raises(ValueError, match=r"deterministic must be one of auto, true, false; "):
+        distribute.resolve_determinism("yes", xla=False, model_has_max_pooling=False)

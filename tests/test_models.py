@@ -3,9 +3,16 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from noisy_keras.layers import GhostBatchNormalization
-from noisy_keras.models import MODEL_NAMES, build_model
+from noisy_keras.models import (
+    MODEL_NAMES,
+    MODELS_WITH_MAX_POOLING,
+    Subsample2D,
+    build_model,
+    has_max_pooling,
+)
 
 SMALL_MODELS = {
     # name: (input_shape, total parameters for 10 classes)
@@ -163,3 +170,61 @@ def test_bad_arguments_raise(kwargs, message):
     arguments = {"input_shape": (8, 8, 1), "num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=message):
         build_model(arguments.pop("name"), **arguments)
+
+
+REGISTRY_INPUTS = {**{n: shape for n, (shape, _) in SMALL_MODELS.items()}, "resnet50": (32, 32, 3)}
+
+
+def test_max_pooling_table_and_float32_logits_under_mixed_precision():
+    """MODELS_WITH_MAX_POOLING (what the determinism policy reads) is what the models hold."""
+    assert sorted(REGISTRY_INPUTS) == sorted(MODEL_NAMES)
+    for policy in ("float32", "mixed_float16"):
+        keras.config.set_dtype_policy(policy)
+        for name, input_shape in REGISTRY_INPUTS.items():
+            model = build_model(name, input_shape=input_shape, num_classes=10)
+            assert has_max_pooling(model) == (name in MODELS_WITH_MAX_POOLING), name
+            assert model.outputs[0].dtype == "float32", (policy, name)
+            compute = {layer.compute_dtype for layer in model.layers if layer.weights}
+            assert compute == ({"float32"} if policy == "float32" else {"float16"}), name
+            if name in SMALL_MODELS:
+                assert model.count_params() == SMALL_MODELS[name][1]
+
+
+@pytest.mark.parametrize("side", [7, 8])
+def test_subsample_equals_max_pooling_of_size_one_in_value_and_gradient(side):
+    x = tf.constant(np.random.default_rng(side).normal(size=(2, side, side, 3)), tf.float32)
+    weights = tf.constant(np.random.default_rng(1).normal(size=(2, 4, 4, 3)), tf.float32)
+    outputs, gradients = [], []
+    for layer in (keras.layers.MaxPooling2D(1, strides=2), Subsample2D(2)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * weights)
+        outputs.append(y.numpy())
+        gradients.append(tape.gradient(loss, x).numpy())
+        assert layer.compute_output_shape((None, side, side, 3)) == (None, 4, 4, 3)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[1], x.numpy()[:, ::2, ::2, :])
+    np.testing.assert_array_equal(gradients[0], gradients[1])
+
+
+def test_xla_under_op_determinism_takes_subsampling_but_not_max_pooling():
+    """Why resnet20 subsamples with a slice: TensorFlow's answer for the two, as of 2.21."""
+    tf.config.experimental.enable_op_determinism()
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), tf.float32)
+
+    def gradient_of(layer):
+        @tf.function(jit_compile=True)
+        def gradient(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x) ** 2)
+            return tape.gradient(loss, x)
+
+        return gradient(x)
+
+    expected = np.zeros((2, 8, 8, 3), np.float32)
+    expected[:, ::2, ::2, :] = 2 * x.numpy()[:, ::2, ::2, :]
+    np.testing.assert_array_equal(gradient_of(Subsample2D(2)), expected)
+    with pytest.raises(tf.errors.UnimplementedError, match="deterministic XLA implementation"):
+        gradient_of(keras.layers.MaxPooling2D(2))

@@ -32,12 +32,32 @@ def _result(output: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _run_two_workers(tmp_path, extra_args):
-    """Runs two training_worker.py processes as a cluster; returns their outputs."""
+def _mirrored_reference(tmp_path, extra_args):
+    """The same run in one process with two replicas (MirroredStrategy, 2 logical CPUs)."""
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    argv = [sys.executable, WORKER, "--strategy", "mirrored", "--num-devices", "2"]
+    argv += ["--workdir", str(tmp_path / "mirrored"), "--out", str(tmp_path / "mirrored.npz")]
+    argv += extra_args
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _run_two_workers(tmp_path, extra_args, reference=False):
+    """Runs two training_worker.py processes as a cluster; returns their outputs.
+
+    With `reference`, a third process runs the same training in one process with two
+    replicas at the same time; its output comes first.
+    """
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
     try:
+        if reference:
+            processes.append(_mirrored_reference(tmp_path, extra_args))
         for index in range(2):
             env = dict(os.environ)
             env["TF_CONFIG"] = json.dumps(
@@ -85,11 +105,24 @@ def _assert_identical_weights(tmp_path, iterations):
 
 
 def test_two_workers_end_with_identical_weights(tmp_path):
-    outputs = _run_two_workers(tmp_path, ["--epochs", "2", "--steps-per-epoch", "3"])
+    outputs = _run_two_workers(
+        tmp_path, ["--epochs", "2", "--steps-per-epoch", "3"], reference=True
+    )
+    reference = _result(outputs.pop(0))
     results = [_result(o) for o in outputs]
     assert results[0]["status"] == results[1]["status"] == "done"
     assert results[0]["loss"] == results[1]["loss"]
     _assert_identical_weights(tmp_path, 6)
+
+    # Two workers of one replica each = one process with two replicas: same batches per
+    # replica, same noise, same dropout masks (replica ids 0 and 1 either way), same sums.
+    first, mirrored = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "mirrored.npz")
+    assert sorted(mirrored.files) == sorted(first.files)
+    assert reference["status"] == "done"
+    # Bit for bit: a SUM of two values does not depend on the order of its operands.
+    assert results[0]["loss"] == reference["loss"]
+    for name in first.files:
+        np.testing.assert_array_equal(first[name], mirrored[name], err_msg=name)
 
     # Only the chief's checkpoints remain; the other worker's were temporary.
     checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))

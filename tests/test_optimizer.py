@@ -105,14 +105,25 @@ def _fit_weights(optimizer, epochs=3, seed=0, model_seed=1):
         lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
         lambda: keras.optimizers.Adam(1e-2),
         lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.01),
+        # Clipping, which the wrapper takes over: on one device, Keras' own rule, bit for bit.
+        lambda: keras.optimizers.SGD(0.05, momentum=0.9, clipnorm=0.1),
+        lambda: keras.optimizers.Adam(1e-2, global_clipnorm=0.1),
+        lambda: keras.optimizers.SGD(0.05, clipvalue=0.01),
     ],
-    ids=["sgd_momentum", "nesterov", "adam", "adamw"],
+    ids=["sgd_momentum", "nesterov", "adam", "adamw", "clipnorm", "global_clipnorm", "clipvalue"],
 )
 def test_alpha_zero_is_bit_identical_to_inner(make_inner):
     bare = _fit_weights(make_inner())
     wrapped = _fit_weights(NoisyOptimizer(make_inner(), alpha=0.0, seed=1))
     for a, b in zip(bare, wrapped):
         np.testing.assert_array_equal(a, b)
+
+
+def test_clipping_is_active_in_the_bit_identity_cases():
+    """Else the clipping cases above would not show the wrapper clips as Keras does."""
+    unclipped = _fit_weights(keras.optimizers.SGD(0.05, momentum=0.9))
+    clipped = _fit_weights(NoisyOptimizer(keras.optimizers.SGD(0.05, momentum=0.9, clipnorm=0.1)))
+    assert not np.allclose(unclipped[0], clipped[0], atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -388,11 +399,23 @@ def test_apply_gradients_and_apply_without_variables():
 def test_config_round_trip():
     inner = keras.optimizers.AdamW(3e-3, weight_decay=0.02, clipnorm=1.0)
     optimizer = NoisyOptimizer(inner, alpha=2e-5, gamma=0.6, seed=123, name="noisy")
+    # The wrapper owns the clipping: it took it over from the inner optimizer.
+    assert optimizer.clipping == {"clipnorm": 1.0} and inner.clipnorm is None
     clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(clone, NoisyOptimizer)
     assert (clone.alpha, clone.gamma, clone.seed, clone.name) == (2e-5, 0.6, 123, "noisy")
+    assert clone.clipping == {"clipnorm": 1.0}
     assert isinstance(clone.inner_optimizer, keras.optimizers.AdamW)
     assert clone.inner_optimizer.get_config() == inner.get_config()
+    assert clone.get_config() == optimizer.get_config()
+
+
+def test_clipping_with_a_loss_scale_factor_is_refused():
+    inner = keras.optimizers.SGD(0.1, clipnorm=1.0, loss_scale_factor=128.0)
+    with pytest.raises(
+        ValueError, match=r"has clipnorm=1.0 and loss_scale_factor=128.0; .*would clip scaled"
+    ):
+        NoisyOptimizer(inner)
 
 
 def _compiled_model(optimizer):
@@ -406,7 +429,8 @@ def _compiled_model(optimizer):
 
 def test_keras_file_round_trip_restores_equal_optimizer(tmp_path):
     x, y = _tiny_regression_data()
-    optimizer = NoisyOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), 1e-3, 0.5, seed=77)
+    inner = keras.optimizers.SGD(0.05, momentum=0.9, global_clipnorm=0.5)
+    optimizer = NoisyOptimizer(inner, 1e-3, 0.5, seed=77)
     model = _compiled_model(optimizer)
     model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     path = tmp_path / "m.keras"
@@ -415,6 +439,8 @@ def test_keras_file_round_trip_restores_equal_optimizer(tmp_path):
     restored = loaded.optimizer
     assert isinstance(restored, NoisyOptimizer)
     assert (restored.alpha, restored.gamma, restored.seed) == (1e-3, 0.5, 77)
+    assert restored.clipping == {"global_clipnorm": 0.5}
+    assert restored.inner_optimizer.global_clipnorm is None
     assert restored.inner_optimizer.get_config() == optimizer.inner_optimizer.get_config()
     assert int(restored.iterations) == 8
     for a, b in zip(restored.variables, optimizer.variables):
@@ -524,3 +550,14 @@ def test_bad_arguments_are_named(kwargs, pattern):
 def test_bad_inner_optimizer_is_named(inner, pattern):
     with pytest.raises(ValueError, match=pattern):
         NoisyOptimizer(inner)
+
+
+def test_noise_kinds_keep_the_clipping_through_their_config():
+    from noisy_keras.matched_noise import MatchedNoiseOptimizer
+
+    optimizer = MatchedNoiseOptimizer(
+        keras.optimizers.SGD(0.01, clipvalue=0.5), batch_size=512, small_batch_size=32, seed=1
+    )
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(clone, MatchedNoiseOptimizer)
+    assert clone.clipping == optimizer.clipping == {"clipvalue": 0.5}

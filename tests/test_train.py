@@ -47,6 +47,8 @@ def flag_values():
         (["--lr_decay_epochs=25,x"], "--lr_decay_epochs must be a comma-separated list"),
         (["--optimizer=adagrad"], "value should be one of"),
         (["--lr_scaling=cubic"], "value should be one of"),
+        (["--deterministic=yes"], "value should be one of"),
+        (["--precision=float16"], "value should be one of"),
     ],
 )
 def test_bad_flags_are_rejected_with_the_flag_named(flag_values, argv, message):
@@ -297,9 +299,14 @@ def test_cli_runs_quietly_leaves_a_finished_run_alone_refuses_and_overwrites(tmp
     assert first.returncode == 0, first.stderr[-2000:]
     assert not CPP_LOG_LINE.search(first.stderr + first.stdout), first.stderr[-2000:]
     lines = first.stdout.strip().splitlines()
-    assert len(lines) == 2, lines  # Keras' line for the epoch (10 steps), then one final line
-    assert lines[0].startswith("10/10 - ") and "val_accuracy" in lines[0]
-    assert lines[1].startswith("noisy_keras.train: done | 1 epochs in ")
+    # --verbose=2: the device policy, Keras' line for the epoch (10 steps), one final line.
+    assert len(lines) == 3, lines
+    assert lines[0] == (
+        "noisy_keras.train: 1 replica(s), XLA off (--xla=auto), op determinism on "
+        "(--deterministic=auto), precision float32"
+    )
+    assert lines[1].startswith("10/10 - ") and "val_accuracy" in lines[1]
+    assert lines[2].startswith("noisy_keras.train: done | 1 epochs in ")
 
     before = _snapshot(tmp_path / "run")
     rerun = _run_cli(["--flagfile=run/flags.txt"], tmp_path)
@@ -354,3 +361,44 @@ def test_ctrl_c_stops_at_a_batch_boundary_and_a_rerun_finishes(tmp_path):
     rows = workdir_lib.read_metrics(str(tmp_path / "run" / "metrics.csv"))
     assert [r["epoch"] for r in rows] == list(range(1, 31))
     assert workdir_lib.read_status(str(tmp_path / "run"))["status"] == "done"
+
+
+def test_deterministic_true_with_xla_and_max_pooling_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    workdir = tmp_path / "run"
+    config = config_lib.TrainConfig(model="cnn", xla="true", deterministic="true", epochs=1)
+    with pytest.raises(ValueError, match=r"--deterministic=true cannot be combined with XLA"):
+        train_lib.train(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_precision_and_determinism_hold_for_the_run_only(tmp_path):
+    """mixed_float16 for the run (LossScaleOptimizer, float32 logits), then float32 again."""
+    import keras
+
+    from noisy_keras import _keras_internals
+
+    workdir = str(tmp_path / "run")
+    config = config_lib.TrainConfig(**{**TINY, "epochs": 1, "precision": "mixed_float16"})
+    summary = train_lib.train(config, workdir)
+    assert summary["status"] == "done"
+    assert summary["device_policy"] == {
+        "replicas": 1,
+        "xla": False,
+        "deterministic": True,
+        "precision": "mixed_float16",
+    }
+    assert keras.config.dtype_policy().name == "float32"
+    assert not _keras_internals.is_op_determinism_enabled()
+    saved = workdir_lib.read_json(os.path.join(workdir, "summary.json"))
+    assert saved["device_policy"]["precision"] == "mixed_float16"
+    (row,) = workdir_lib.read_metrics(os.path.join(workdir, "metrics.csv"))
+    assert float(row["noise_stddev"]) > 0  # read through the LossScaleOptimizer
+    # As with any Keras model, load a mixed-precision one under its policy (else no loss scale).
+    keras.config.set_dtype_policy("mixed_float16")
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.layers[1].dtype_policy.name == "mixed_float16"
+    assert model.outputs[0].dtype == "float32"
+    assert "--precision=mixed_float16" in open(os.path.join(workdir, "flags.txt")).read()

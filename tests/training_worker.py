@@ -2,7 +2,7 @@
 
 Usage:
     python tests/training_worker.py --workdir DIR --out WEIGHTS.npz [--strategy multiworker]
-        [--pause-at EPOCH,BATCH] [--epochs 3] [--steps-per-epoch 4]
+        [--num-devices 2] [--pause-at EPOCH,BATCH] [--epochs 3] [--steps-per-epoch 4]
         [--folder PATH --preprocess resize|resnet --batch-size 12 --reads READS.json]
 
 It trains a small MLP (with Dropout, so RNG state is part of the run) on a
@@ -90,6 +90,7 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", default="default")
+    parser.add_argument("--num-devices", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=4)
     parser.add_argument("--pause-at", default=None)
@@ -101,7 +102,7 @@ def main(argv=None):
     pause_at = tuple(int(v) for v in args.pause_at.split(",")) if args.pause_at else None
 
     tf.config.experimental.enable_op_determinism()
-    strategy = distribute.make_strategy(args.strategy)
+    strategy = distribute.make_strategy(args.strategy, args.num_devices)
     if args.folder:
         images = datasets.load_dataset(
             f"folder:{args.folder}",

@@ -14,7 +14,9 @@ Every comparison is a ratio of medians measured side by side in one process
 recorded with it. Parts, one module each: noise (`noise_overhead`), noise_kinds
 (`noise_kinds`: each noise kind's step time through the engine vs none), engine,
 memory, input (`input_pipeline`: streamed input throughput and peak memory
-against dataset size), time_to_accuracy.
+against dataset size), gpu_check (every registry model under MirroredStrategy +
+XLA in mixed precision: checks, then throughput; exits with 1 if a check fails),
+time_to_accuracy.
 
 References:
     S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
@@ -42,6 +44,7 @@ PART_MODULES = {
     "engine": "engine",
     "memory": "memory",
     "input": "input_pipeline",
+    "gpu_check": "gpu_check",
     "time_to_accuracy": "time_to_accuracy",
 }
 """Benchmark parts in the order they run, each with its module in noisy_keras.bench."""
@@ -55,10 +58,10 @@ SMOKE_TEST_NOTE = (
 def run_benchmarks(*, parts: Sequence[str] = PART_NAMES, quick: bool = False) -> dict:
     """Runs the chosen parts and returns their results with the machine's description.
 
-    Parts run in the order noise, noise_kinds, engine, memory, input, time_to_accuracy (the last
-    one enables TensorFlow's op determinism, as the main job does, which would
-    otherwise affect the others). For the engine part the CPU must already
-    be split into `ENGINE_DEVICES` logical devices when there is no GPU
+    Parts run in the order noise, noise_kinds, engine, memory, input, gpu_check,
+    time_to_accuracy (the last one trains with the main job's defaults). For the
+    engine and gpu_check parts the CPU must already be split into
+    `ENGINE_DEVICES` logical devices when there is no GPU
     (`distribute.configure_logical_cpus`, before TensorFlow starts).
 
     Args:
@@ -142,7 +145,7 @@ def main(argv) -> int:
     _cli.quiet_tensorflow()
     # TensorFlow logs every MirroredStrategy reduction at INFO; keep the console readable.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if "engine" in parts:
+    if "engine" in parts or "gpu_check" in parts:
         import tensorflow as tf
 
         from noisy_keras import distribute
@@ -163,6 +166,10 @@ def main(argv) -> int:
         f.write("\n")
     kind = "smoke test" if quick else "results"
     print(f"noisy_keras.bench: wrote the {kind} to {out} in {results['meta']['seconds']:.0f}s")
+    failed = results.get("gpu_check", {}).get("failed")
+    if failed:
+        print(f"noisy_keras.bench: gpu_check FAILED for {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,7 +55,12 @@ def _engine_model(config: str, workload: workloads.Workload):
 
 
 def measure_engine(
-    workload: workloads.Workload, *, configs: Sequence[str], rounds: int, steps_per_round: int
+    workload: workloads.Workload,
+    *,
+    configs: Sequence[str],
+    rounds: int,
+    steps_per_round: int,
+    precision: str | None = None,
 ) -> dict:
     """Training throughput (examples/s) of Keras `fit` in several configurations.
 
@@ -67,7 +72,9 @@ def measure_engine(
     are the step times (the first step of each `fit`, which includes
     creating the iterator, is not timed). Throughput = global batch / median
     step time. The first `fit` of each model (tracing, compilation) is not
-    timed. Configurations are those of `ENGINE_CONFIGS`.
+    timed. Configurations are those of `ENGINE_CONFIGS`. `precision` (e.g.
+    "mixed_float16") is the Keras dtype policy the models are built under,
+    restored afterwards; None keeps the current one.
 
     Returns:
         {"model", "global_batch_size", "replicas", "devices", "configs": [...],
@@ -77,7 +84,16 @@ def measure_engine(
     unknown = [c for c in configs if c not in ENGINE_CONFIGS]
     if unknown:
         raise ValueError(f"Unknown engine configs {unknown}; allowed: {', '.join(ENGINE_CONFIGS)}.")
-    keras.utils.clear_session()
+    previous_policy = keras.config.dtype_policy()
+    keras.utils.clear_session()  # also resets the dtype policy: set it after
+    keras.config.set_dtype_policy(precision or previous_policy)
+    try:
+        return _measure_engine(workload, configs, rounds, steps_per_round)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _measure_engine(workload, configs, rounds, steps_per_round) -> dict:
     x, y = workloads.batch_arrays(workload, num_batches=2)
     dataset = (
         tf.data.Dataset.from_tensor_slices((x, y))
@@ -139,6 +155,7 @@ def measure_engine(
     result = {
         "model": workload.model,
         "global_batch_size": workload.batch_size,
+        "precision": keras.config.dtype_policy().name,
         "devices": devices,
         "configs": rows,
     }

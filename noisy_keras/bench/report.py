@@ -118,6 +118,35 @@ def format_tables(results: dict) -> str:
                 )
             )  # fmt: skip
             out.append("\n")
+    gpu_check = results.get("gpu_check")
+    if gpu_check:
+        devices = ", ".join(gpu_check["gpus"]) or "no GPU: logical CPU devices"
+        out.append(
+            f"\n### GPU check: MirroredStrategy + per-replica XLA, {gpu_check['precision']} "
+            f"({devices})\n"
+        )
+        rows = []
+        for c in gpu_check["cases"]:
+            t = {r["config"]: r["examples_per_s"] for r in c["throughput"]["configs"]}
+            rows.append(
+                [c["model"], c["replicas"], c["global_batch_size"], _fmt(c["xla_compiled"]),
+                 _fmt(c["replicas_identical"]), _fmt(c["loss_finite"]), _fmt(c["loss_scaled"]),
+                 _fmt(t.get("engine_mirrored_xla"), 0), _fmt(t.get("keras_mirrored"), 0),
+                 _fmt(t.get("keras_single_xla"), 0),
+                 _fmt(c["throughput"].get("engine_vs_keras_mirrored")),
+                 _fmt(c["throughput"].get("engine_vs_keras_single_xla"))]
+            )  # fmt: skip
+        out.append(
+            _table(
+                ["model", "replicas", "B", "XLA compiled", "replicas identical", "loss finite",
+                 "loss scaled", "engine ex/s", "Keras mirrored ex/s", "Keras 1-device XLA ex/s",
+                 "engine / Keras mirrored", "engine / Keras 1-device XLA"],
+                rows,
+            )
+        )  # fmt: skip
+        if gpu_check["failed"]:
+            out.append(f"\nFAILED: {', '.join(gpu_check['failed'])}")
+        out.append("\n")
     memory = results.get("memory")
     if memory:
         out.append("\n### Peak resident memory (training process, no XLA)\n")

@@ -13,7 +13,7 @@ from noisy_keras import datasets, models
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """A model and its batch size: `cnn` or `mlp` on digits, `resnet20` on synthetic images."""
+    """A registry model and its global batch: `cnn` or `mlp` on digits, the others synthetic."""
 
     model: str
     batch_size: int
@@ -22,41 +22,45 @@ class Workload:
 DIGITS_CNN = "cnn"
 DIGITS_MLP = "mlp"  # the smoke run's model: the fastest to compile
 RESNET20 = "resnet20"
+INPUT_SHAPES = {
+    "mlp": (8, 8, 1),
+    "cnn": (8, 8, 1),
+    "cnn1d": (40, 1),
+    "resnet20": (32, 32, 3),
+    "resnet50": (32, 32, 3),
+}
+"""Each registry model's input in the benchmarks: digits, MNIST-1D signals, 32 px RGB."""
 
 
 def batch_arrays(workload: Workload, num_batches: int = 1):
     """(x, y) as NumPy arrays of num_batches * batch_size examples.
 
-    `cnn`, `mlp`: the first digits training examples in a fixed order (real
-    data, normalized as in training; up to the 1,347 training examples).
-    `resnet20`: uniform [0, 1) 32x32x3 images and uniform labels of 10
-    classes, from a fixed seed (the step time does not depend on the values).
+    `cnn`, `mlp`: the digits training examples in a fixed order (real data,
+    normalized as in training), from the first again after all 1,347.
+    `cnn1d`, `resnet20`, `resnet50`: uniform [0, 1) inputs of `INPUT_SHAPES`
+    and uniform labels of 10 classes, from a fixed seed (the step time does not
+    depend on the values).
     """
     n = num_batches * workload.batch_size
     if workload.model in (DIGITS_CNN, DIGITS_MLP):
         digits = datasets.load_dataset("digits", seed=0)
         x, y = digits.train_arrays()
-        if n > len(y):
-            raise ValueError(
-                f"batch_size * batches = {n} exceeds the {len(y)} digits training examples; "
-                f"allowed: batch_size <= {len(y) // num_batches}."
-            )
-        return x[:n], y[:n]
-    if workload.model == RESNET20:
+        order = np.arange(n) % len(y)  # large global batches (many GPUs) repeat examples
+        return x[order], y[order]
+    if workload.model in INPUT_SHAPES:
         rng = np.random.default_rng(0)
         return (
-            rng.random((n, 32, 32, 3), dtype=np.float32),
+            rng.random((n, *INPUT_SHAPES[workload.model]), dtype=np.float32),
             rng.integers(0, 10, size=n).astype("int32"),
         )
     raise ValueError(
-        f"Unknown workload model={workload.model!r}; allowed: {DIGITS_CNN!r}, {DIGITS_MLP!r}, "
-        f"{RESNET20!r}."
+        f"Unknown workload model={workload.model!r}; allowed: {', '.join(INPUT_SHAPES)}."
     )
 
 
 def build_workload_model(workload: Workload) -> keras.Model:
-    """The workload's model: 8x8x1 digits inputs, or 32x32x3 for resnet20; 10 classes."""
-    input_shape = (32, 32, 3) if workload.model == RESNET20 else (8, 8, 1)
+    """The workload's model for inputs of `INPUT_SHAPES`, 10 classes, seed 0."""
+    input_shape = INPUT_SHAPES[workload.model]
     return models.build_model(workload.model, input_shape=input_shape, num_classes=10, seed=0)
 
 
