@@ -58,6 +58,7 @@ import tensorflow as tf
 from noisy_keras import noise as noise_lib
 from noisy_keras import temperature
 from noisy_keras._validation import check_int
+from noisy_keras.optimizer import optimizer_accumulation_steps
 
 # High 32 bits of the Philox key of the example weights ("mult" in ASCII).
 WEIGHTS_KEY_SALT = 0x6D756C74
@@ -178,20 +179,6 @@ class MultiplicativeNoise:
         return example_weights(
             num, seed=self.seed, step=step, offset=offset, variance=self.variance
         )
-
-
-def _optimizer_chain(optimizer):
-    while optimizer is not None:
-        yield optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-
-
-def _optimizer_accumulation_steps(optimizer) -> int | None:
-    for candidate in _optimizer_chain(optimizer):
-        k = getattr(candidate, "gradient_accumulation_steps", None)
-        if k:
-            return int(k)
-    return None
 
 
 def _uses_replica_xla(model) -> bool:
@@ -328,7 +315,7 @@ def enable_multiplicative_noise(
             "could not be kept out of evaluation; add `training=True` to its signature."
         )
     _check_loss_reductions(model)
-    k = _optimizer_accumulation_steps(model.optimizer)
+    k = optimizer_accumulation_steps(model.optimizer)
     if k:
         raise ValueError(
             f"The optimizer has gradient_accumulation_steps={k}; gradient accumulation belongs "

@@ -434,3 +434,16 @@ def current_noise_stddev(optimizer) -> float:
     """
     noisy = find_noisy_optimizer(optimizer)
     return 0.0 if noisy is None else float(noisy.noise_stddev)
+
+
+def optimizer_accumulation_steps(optimizer) -> int | None:
+    """Keras' `gradient_accumulation_steps` set anywhere in an optimizer chain (None: none).
+
+    Follows `inner_optimizer` through wrappers (LossScaleOptimizer, NoisyOptimizer).
+    """
+    while optimizer is not None:
+        k = getattr(optimizer, "gradient_accumulation_steps", None)
+        if k:
+            return int(k)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None

@@ -24,14 +24,24 @@ import tensorflow as tf
 from noisy_keras import _keras_internals as internals
 from noisy_keras import noise_hooks
 from noisy_keras._validation import check_int
+from noisy_keras.optimizer import optimizer_accumulation_steps
+from noisy_keras.replica_state import (
+    assign,
+    changed,
+    check_state_unchanged_in_length,
+    mean_over_replicas,
+    seed_state_positions,
+    shift_seeds,
+    skip_non_finite_on_all_replicas,
+    symbolic_build_hook,
+    values,
+)
 
 __all__ = [
     "ATTRIBUTE",
     "enable_replica_xla",
     "replica_steps",
     "replica_xla_functions",
-    "seed_state_positions",
-    "skip_non_finite_on_all_replicas",
 ]
 
 ATTRIBUTE = "_noisy_keras_replica_xla"
@@ -41,142 +51,6 @@ ATTRIBUTE = "_noisy_keras_replica_xla"
 # ---------------------------------------------------------------------------
 # XLA per replica
 # ---------------------------------------------------------------------------
-
-
-def _values(variables) -> list:
-    """Current values of `variables`, read on this replica's device."""
-    return [tf.convert_to_tensor(v.value) for v in variables]
-
-
-def _assign(variables, values) -> None:
-    """Writes back the values a stateless call changed (None: unchanged)."""
-    for variable, value in zip(variables, values, strict=True):
-        if value is not None:
-            variable.assign(value)
-
-
-def _changed(old_values, new_values) -> list:
-    """New values, with None where the stateless call returned the input unchanged."""
-    return [None if new is old else new for old, new in zip(old_values, new_values, strict=True)]
-
-
-def _check_state_unchanged_in_length(name: str, old_values, new_values) -> None:
-    """Raises ValueError if the traced step created state variables (it must only update them)."""
-    if len(new_values) != len(old_values):
-        raise ValueError(
-            f"The model's {name} went from {len(old_values)} to {len(new_values)} while the "
-            "per-replica step was traced: the compiled loss or metrics were built lazily inside "
-            "it. `model.fit` and `evaluate` build them from their first batch before tracing; "
-            "when calling the per-replica functions directly, run `model.evaluate` on one "
-            "batch first."
-        )
-
-
-def _mean_over_replicas(values) -> list:
-    """Averages the changed floating-point values over the replicas in sync.
-
-    A replica updates BatchNormalization's moving statistics from its own
-    batch; Keras 3 creates them with aggregation "none", so each replica's
-    copy would drift apart (and a checkpoint would keep only the first). The
-    moving average is linear in the batch statistics, so averaging the new
-    values over replicas at each step gives every replica the moving average
-    of the replica-mean statistics (what tf.keras' MEAN aggregation did).
-    Integer state (RNG seeds) advances identically on every replica and is
-    left as is.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return values
-    positions = [i for i, v in enumerate(values) if v is not None and v.dtype.is_floating]
-    if not positions:
-        return values
-    reduced = context.all_reduce(tf.distribute.ReduceOp.MEAN, [values[i] for i in positions])
-    values = list(values)
-    for i, v in zip(positions, reduced, strict=True):
-        values[i] = v
-    return values
-
-
-# ---------------------------------------------------------------------------
-# Seeded layer randomness per replica
-# ---------------------------------------------------------------------------
-
-REPLICA_SEED_STRIDE = 0x9E3779B9
-"""Replica r adds r * REPLICA_SEED_STRIDE to the first word of every seed state."""
-
-
-def seed_state_positions(model: keras.Model) -> list[int]:
-    """Positions in `model.non_trainable_variables` of its layers' `SeedGenerator` states."""
-    states = {id(state) for state in internals.seed_generator_states(model)}
-    return [i for i, v in enumerate(model.non_trainable_variables) if id(v) in states]
-
-
-def _replica_seed_offset(dtype):
-    """[r * REPLICA_SEED_STRIDE, 0] for replica r in sync, or None with one replica.
-
-    Integer arithmetic wraps around, so adding and later subtracting it is exact
-    for every integer seed dtype.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return None
-    replica = tf.cast(context.replica_id_in_sync_group, dtype)
-    stride = tf.constant(REPLICA_SEED_STRIDE, dtype)
-    return tf.stack([replica * stride, tf.zeros((), dtype)])
-
-
-def _shift_seeds(values, positions, sign: int) -> list:
-    """Adds (sign=1) or removes (sign=-1) this replica's offset to the seed states at `positions`.
-
-    Rule: a layer's `SeedGenerator` state s = [seed, counter] is mirrored, so
-    without this every replica draws the same dropout mask from its share of
-    the global batch. Replica r runs its step with s + [r * stride, 0] and
-    writes back s' - [r * stride, 0], where s' is what the step returned: the
-    draws differ across replicas as across the examples of one device's
-    global batch, every replica stores the same state, and replica 0 (and
-    one device) draws exactly what Keras' own step draws.
-    """
-    if not positions:
-        return values
-    values = list(values)
-    for i in positions:
-        if values[i] is None:
-            continue
-        offset = _replica_seed_offset(values[i].dtype)
-        if offset is None:
-            return values
-        values[i] = values[i] + offset if sign > 0 else values[i] - offset
-    return values
-
-
-# ---------------------------------------------------------------------------
-# Mixed precision: one decision per step for all replicas
-# ---------------------------------------------------------------------------
-
-
-def skip_non_finite_on_all_replicas(gradients, optimizer) -> list:
-    """Gives every replica non-finite gradients when any replica's are non-finite.
-
-    Rule: Keras' `LossScaleOptimizer` under `tf.distribute` checks the
-    gradients of the first replica only, before they are all-reduced, so an
-    overflow on replica 1 alone would be applied (as inf) and the loss scale
-    raised. Here each replica counts its non-finite flag into one scalar SUM
-    all-reduce; if it is > 0 every replica's gradients are multiplied by NaN,
-    so the loss-scale optimizer skips the update on all replicas, lowers the
-    scale once and leaves `iterations` (the noise step) unchanged, as on one
-    device. No-op for other optimizers and for one replica.
-    """
-    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return gradients
-    context = tf.distribute.get_replica_context()
-    present = [g for g in gradients if g is not None]
-    if context is None or context.num_replicas_in_sync == 1 or not present:
-        return gradients
-    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in present]))
-    bad = tf.cast(tf.logical_not(finite), tf.float32)
-    bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
-    factor = tf.where(bad > 0.0, float("nan"), 1.0)
-    return [None if g is None else g * tf.cast(factor, g.dtype) for g in gradients]
 
 
 def _batch_size(x):
@@ -198,7 +72,7 @@ class _ReplicaXLASteps:
     updates the metrics and calls `optimizer.apply`, whose SUM all-reduce of
     the gradients is thereby left to `tf.distribute` (NCCL on GPUs). There,
     too, each replica shifts the layers' seed states by its replica id for the
-    core (`_shift_seeds`: dropout masks differ across replicas), and under a
+    core (`shift_seeds`: dropout masks differ across replicas), and under a
     `LossScaleOptimizer` all replicas agree on whether the step's gradients
     are finite (`skip_non_finite_on_all_replicas`). A model without trainable
     weights gets Keras' warning and no update, as in Keras' own `fit`.
@@ -270,9 +144,9 @@ class _ReplicaXLASteps:
                 sample_weight=sample_weight,
                 training=kwargs.get("training", True),
             )
-        _check_state_unchanged_in_length("metrics_variables", old_metrics, metrics)
-        non_trainable = _changed(old_non_trainable, non_trainable)
-        metrics = _changed(old_metrics, metrics)
+        check_state_unchanged_in_length("metrics_variables", old_metrics, metrics)
+        non_trainable = changed(old_non_trainable, non_trainable)
+        metrics = changed(old_metrics, metrics)
         return loss, y_pred, non_trainable, metrics
 
     def _loss_and_gradients(self, trainable, non_trainable, metrics, loss_scale, x, y, sw):
@@ -297,19 +171,19 @@ class _ReplicaXLASteps:
             trainable, non_trainable, x, **self._eval_kwargs
         )
         # Seeded layers that draw at inference (Keras' predict advances their state too).
-        return y_pred, _changed(old_non_trainable, non_trainable)
+        return y_pred, changed(old_non_trainable, non_trainable)
 
     # ---- steps (replica context, outside XLA) ---------------------------------
 
     def _state_in(self):
-        """This replica's non-trainable values for a core, seeds shifted (`_shift_seeds`)."""
+        """This replica's non-trainable values for a core, seeds shifted (`shift_seeds`)."""
         seeds = seed_state_positions(self.model)
-        return seeds, _shift_seeds(_values(self.model.non_trainable_variables), seeds, +1)
+        return seeds, shift_seeds(values(self.model.non_trainable_variables), seeds, +1)
 
     def _state_out(self, seeds, non_trainable) -> None:
         """Writes back what a core changed: seeds unshifted, floats averaged over replicas."""
-        non_trainable = _shift_seeds(non_trainable, seeds, -1)
-        _assign(self.model.non_trainable_variables, _mean_over_replicas(non_trainable))
+        non_trainable = shift_seeds(non_trainable, seeds, -1)
+        assign(self.model.non_trainable_variables, mean_over_replicas(non_trainable))
 
     def _update_metrics(self, loss, x, y, y_pred, sample_weight):
         model = self.model
@@ -342,9 +216,9 @@ class _ReplicaXLASteps:
         loss_scale = tf.convert_to_tensor(optimizer.scale_loss(tf.constant(1.0, tf.float32)))
         seeds, non_trainable = self._state_in()
         core_inputs = (
-            _values(model.trainable_variables),
+            values(model.trainable_variables),
             non_trainable,
-            _values(model.metrics_variables),
+            values(model.metrics_variables),
             loss_scale,
             x,
             y,
@@ -359,7 +233,7 @@ class _ReplicaXLASteps:
             loss, gradients, y_pred, non_trainable, metrics = outputs
         # ---- end noise kinds ----
         self._state_out(seeds, non_trainable)
-        _assign(model.metrics_variables, metrics)
+        assign(model.metrics_variables, metrics)
         if not model.trainable_variables:
             # Keras' own train_step: warn, update no weights, keep metrics and RNG state.
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
@@ -428,15 +302,15 @@ class _ReplicaXLASteps:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         seeds, non_trainable = self._state_in()
         loss, y_pred, non_trainable, metrics = self.loss_and_predictions(
-            _values(model.trainable_variables),
+            values(model.trainable_variables),
             non_trainable,
-            _values(model.metrics_variables),
+            values(model.metrics_variables),
             x,
             y,
             sample_weight,
         )
         self._state_out(seeds, non_trainable)
-        _assign(model.metrics_variables, metrics)
+        assign(model.metrics_variables, metrics)
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
     def predict_step(self, data):
@@ -444,61 +318,16 @@ class _ReplicaXLASteps:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         seeds, non_trainable = self._state_in()
         y_pred, non_trainable = self.predictions(
-            _values(model.trainable_variables), non_trainable, x
+            values(model.trainable_variables), non_trainable, x
         )
         self._state_out(seeds, non_trainable)
         return y_pred
-
-
-def _local_value(strategy, value):
-    if isinstance(value, tf.distribute.DistributedValues):
-        return strategy.experimental_local_results(value)[0]
-    return value
-
-
-def _symbolic_build_hook(model: keras.Model):
-    """Keras' `_maybe_symbolic_build`, taking shapes from this worker's first replica.
-
-    Keras reduces a distributed batch with MEAN only to learn its shapes and
-    dtypes; under `MultiWorkerMirroredStrategy` that eager reduce fails
-    ("Attempt to convert a value (PerReplica...) to a Tensor"). The local
-    first replica's batch has the same shapes and dtypes.
-    """
-
-    def maybe_symbolic_build(iterator=None, data_batch=None):
-        # Unlike Keras, build also without a strategy (under the default one): the
-        # compiled loss and metrics must exist before the pure core is traced, or
-        # they would create their variables inside it (see _forward_and_loss).
-        strategy = model.distribute_strategy
-        if iterator is not None:
-            for _, _, it in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda value: _local_value(strategy, value), next(it)
-                )
-                break
-        with strategy.scope():
-            internals.symbolic_build(model, data_batch)
-
-    return maybe_symbolic_build
 
 
 def _overridden(model: keras.Model, name: str) -> bool:
     """Whether the model's class replaces Keras' own `name` method."""
     own = getattr(type(model), name)
     return own is not getattr(keras.Model, name)
-
-
-def optimizer_accumulation_steps(optimizer) -> int | None:
-    """Keras' `gradient_accumulation_steps` set anywhere in an optimizer chain (None: none).
-
-    Follows `inner_optimizer` through wrappers (LossScaleOptimizer, NoisyOptimizer).
-    """
-    while optimizer is not None:
-        k = getattr(optimizer, "gradient_accumulation_steps", None)
-        if k:
-            return int(k)
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
 
 
 def _refuse_optimizer_accumulation(optimizer) -> None:
@@ -609,7 +438,7 @@ def enable_replica_xla(
     steps = _ReplicaXLASteps(model, jit_compile=jit_compile, accumulation_steps=k)
     object.__setattr__(model, ATTRIBUTE, steps)
     object.__setattr__(model, "make_train_function", steps.make_train_function)
-    internals.replace_symbolic_build(model, _symbolic_build_hook(model))
+    internals.replace_symbolic_build(model, symbolic_build_hook(model))
     object.__setattr__(model, "train_step", steps.train_step)
     object.__setattr__(model, "test_step", steps.test_step)
     object.__setattr__(model, "predict_step", steps.predict_step)
