@@ -34,3 +34,15 @@ def _isolate_global_state():
     keras.config.set_dtype_policy("float32")
     if _keras_internals.is_op_determinism_enabled():
         _keras_internals.disable_op_determinism()
+
+
+@pytest.fixture()
+def flag_values():
+    """The main job's absl flags, defined once, parsed per test and reset after."""
+    from absl import flags
+
+    from noisy_keras import train
+
+    train.define_flags()
+    yield flags.FLAGS
+    flags.FLAGS.unparse_flags()

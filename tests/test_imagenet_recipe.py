@@ -211,13 +211,6 @@ def test_recipe_compiles_smoothing_and_top5():
     assert set(logs) >= {"accuracy", "top5_accuracy"}
 
 
-@pytest.fixture()
-def flag_values():
-    train_lib.define_flags()
-    yield flags.FLAGS
-    flags.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

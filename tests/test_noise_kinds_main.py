@@ -8,7 +8,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-from absl import flags
 
 from noisy_keras import config as config_lib
 from noisy_keras import experiments, models
@@ -20,13 +19,6 @@ from noisy_keras.optimizer import NoisyOptimizer
 # One short epoch of the digits MLP (5 updates), at the small batch's learning rate.
 TINY = dict(model="mlp", batch_size=256, epochs=1, verbose=0, base_learning_rate=0.05)
 SMALL = dict(lr_scaling="none", noise_alpha=0.0)
-
-
-@pytest.fixture()
-def flag_values():
-    train_lib.define_flags()
-    yield flags.FLAGS
-    flags.FLAGS.unparse_flags()
 
 
 def _weights(workdir):

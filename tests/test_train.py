@@ -28,14 +28,6 @@ CPP_LOG_LINE = re.compile(
 )
 
 
-@pytest.fixture()
-def flag_values():
-    """The global absl flags, defined once, parsed per test and reset after."""
-    train_lib.define_flags()
-    yield flags.FLAGS
-    flags.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
