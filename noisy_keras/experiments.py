@@ -234,17 +234,52 @@ def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
     return float(result.eigenvalue)
 
 
-def cell_config(cell: Cell, seed: int, overrides: dict) -> config_lib.TrainConfig:
+def same_updates_changes(config: config_lib.TrainConfig) -> dict:
+    """Epoch fields stretched by B / base_batch_size, so B makes as many updates as the base.
+
+    Hoffer et al.'s (2017) "regime adaptation": a batch k times larger trains k
+    times as many epochs, with warm-up and decay epochs stretched alike, so the
+    learning-rate schedule sees the same update indices as at the base batch.
+
+    Raises:
+        ValueError: a stretched field would not be a whole number of epochs.
+    """
+    factor = config.batch_size / config.base_batch_size
+    changes = {
+        "epochs": config.epochs * factor,
+        "lr_decay_every": config.lr_decay_every * factor,
+        "lr_decay_epochs": tuple(e * factor for e in config.lr_decay_epochs),
+    }
+    for name, value in changes.items():
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v != round(v) for v in values):
+            raise ValueError(
+                f"same_updates: {name}={getattr(config, name)} x batch_size / base_batch_size "
+                f"({config.batch_size}/{config.base_batch_size}) is not a whole number of epochs."
+            )
+    changes = {
+        k: tuple(int(round(x)) for x in v) if isinstance(v, tuple) else int(round(v))
+        for k, v in changes.items()
+    }
+    return {**changes, "warmup_epochs": config.warmup_epochs * factor}
+
+
+def cell_config(
+    cell: Cell, seed: int, overrides: dict, same_updates: bool = False
+) -> config_lib.TrainConfig:
     """The validated config of one run: the flagfile, `overrides`, then the cell's values.
+
+    With `same_updates`, the epoch fields follow `same_updates_changes`.
 
     Raises:
         ValueError: the combination is not allowed, with the cell named.
     """
     values = {"verbose": "0", **config_lib.read_flagfile(cell.flagfile), **overrides}
     try:
-        return config_lib.config_from_strings(values).replace(
+        config = config_lib.config_from_strings(values).replace(
             batch_size=cell.batch_size, seed=seed, **cell.kind.config_changes()
         )
+        return config.replace(**same_updates_changes(config)) if same_updates else config
     except ValueError as error:
         raise ValueError(f"cell {cell.name}: {error}") from None
 
@@ -266,11 +301,13 @@ def _row(cell: Cell, seed: int, summary: dict, workdir: str) -> dict:
     }
 
 
-def run_cell_seed(out: str, cell: Cell, seed: int, overrides: dict, log=print) -> dict:
+def run_cell_seed(
+    out: str, cell: Cell, seed: int, overrides: dict, log=print, same_updates: bool = False
+) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
-    config = cell_config(cell, seed, overrides)
+    config = cell_config(cell, seed, overrides, same_updates)
     workdir = run_dir(out, cell, seed)
     summary_path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
     summary = workdir_lib.read_json(summary_path)
@@ -428,6 +465,7 @@ def run_grid(
     noises=(),
     overrides: dict | None = None,
     shard: tuple[int, int] = (0, 1),
+    same_updates: bool = False,
     log=print,
 ) -> list[dict]:
     """Runs every (cell, seed) of the grid not yet done, then writes tables and figures.
@@ -445,6 +483,9 @@ def run_grid(
         shard: (index, count): this process runs every count-th job from index,
             so several processes can share a grid; each writes the tables from
             the runs finished so far.
+        same_updates: every batch size makes as many updates as the flagfile's
+            base_batch_size (epochs, warm-up and decay stretched by
+            B / base_batch_size; `same_updates_changes`).
         log: progress printer.
 
     Returns:
@@ -458,13 +499,13 @@ def run_grid(
         raise ValueError("The grid has no cells: give at least one alpha or noise.")
     jobs = [(c, s) for c in cells for s in seeds]
     for cell in cells:  # every combination is checked before anything is written
-        cell_config(cell, next(iter(seeds), 0), overrides or {})
+        cell_config(cell, next(iter(seeds), 0), overrides or {}, same_updates)
     os.makedirs(out, exist_ok=True)
     start = time.time()
     for number, (cell, seed) in enumerate(jobs):
         if number % count != index:
             continue
-        row = run_cell_seed(out, cell, seed, overrides or {}, log=log)
+        row = run_cell_seed(out, cell, seed, overrides or {}, log=log, same_updates=same_updates)
         log(
             f"[{number + 1}/{len(jobs)} {time.time() - start:.0f}s] {cell.name} seed {seed}: "
             f"{row['status']} val {row['val_accuracy']:.4f} gap {row['gap']:+.4f} "
@@ -532,6 +573,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 5, "Seeds per cell: 0..seeds-1.")
     flags.DEFINE_multi_string("set", [], "Override for every run, e.g. --set=epochs=5.")
     flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job starting at i.")
+    flags.DEFINE_bool(
+        "same_updates",
+        False,
+        "Every batch size makes as many updates as the flagfile's --base_batch_size: epochs, "
+        "warm-up and decay epochs stretched by B / base_batch_size (Hoffer et al. 2017).",
+    )
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -580,6 +627,7 @@ def _run_from_flags(FLAGS) -> int:
             seeds=list(range(FLAGS.seeds)),
             overrides=overrides,
             shard=_parse_shard(FLAGS.shard),
+            same_updates=FLAGS.same_updates,
         )
     except (ValueError, FileNotFoundError, ConnectionError) as error:
         print(f"noisy_keras.experiments: error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ Every model maps inputs to **logits** (no softmax): train with
 | `mlp`      | any input (flattened)   | no                 |
 | `cnn`      | small images (digits)   | no                 |
 | `cnn1d`    | 1-D signals (mnist1d)   | no                 |
+| `cnn1d_bn` | 1-D signals (mnist1d)   | yes                |
 | `resnet20` | CIFAR-size images       | yes                |
 | `resnet50` | images, side >= 32      | yes                |
 
@@ -43,7 +44,7 @@ from noisy_keras._validation import check_int
 from noisy_keras.layers import GhostBatchNormalization
 
 MODEL_NAMES = config.MODEL_NAMES
-MODELS_WITH_BATCH_NORM = ("resnet20", "resnet50")
+MODELS_WITH_BATCH_NORM = ("cnn1d_bn", "resnet20", "resnet50")
 RESIDUAL_LAST_BATCH_NORM = {
     "resnet20": r"^stage\d+_block\d+_2_bn$",
     "resnet50": r"^conv\d+_block\d+_3_bn$",
@@ -121,6 +122,28 @@ def _cnn1d(input_shape, num_classes):
         ],
         name="cnn1d",
     )
+
+
+def _cnn1d_bn(input_shape, num_classes):
+    """`cnn1d` with BatchNormalization: each convolution (no bias) -> BN -> ReLU.
+
+    The model of the study's Ghost BatchNorm arm (Hoffer et al. 2017), which
+    needs BatchNormalization to act on; 12,394 parameters on (40, 1) signals,
+    of which 192 are BN moving statistics.
+    """
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"model 'cnn1d_bn' needs 1-D signal inputs (length, channels); received "
+            f"input_shape={tuple(input_shape)}."
+        )
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for index in range(3):
+        x = layers.Conv1D(32, 5, strides=2, padding="same", use_bias=False, name=f"conv{index}")(x)
+        x = layers.BatchNormalization(name=f"bn{index}")(x)
+        x = layers.ReLU(name=f"relu{index}")(x)
+    x = layers.Flatten()(x)
+    return keras.Model(inputs, layers.Dense(num_classes)(x), name="cnn1d_bn")
 
 
 @keras.saving.register_keras_serializable(package="noisy_keras")
@@ -253,6 +276,7 @@ _BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "cnn1d": _cnn1d,
+    "cnn1d_bn": _cnn1d_bn,
     "resnet20": _resnet20,
     "resnet50": _resnet50,
 }
