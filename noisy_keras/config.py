@@ -39,7 +39,7 @@ SEED_MAX = 2**31 - 1
 NOISE_KINDS = ("none", "white", "matched", "multiplicative")
 # Models with BatchNormalization (noisy_keras.models.MODELS_WITH_BATCH_NORM; a test keeps
 # the two equal): matched noise without accumulation would split their batches in halves.
-MODELS_WITH_BATCH_NORM = ("resnet20", "resnet50")
+MODELS_WITH_BATCH_NORM = ("cnn1d_bn", "resnet20", "resnet50")
 # Data at scale and the ImageNet recipe.
 OPTIMIZER_NAMES = (*OPTIMIZER_NAMES, "lars")  # LARS (You et al. 2017) for batches of 8k-32k
 STREAMING_CHOICES = ("auto", "true", "false")
