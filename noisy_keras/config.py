@@ -1,11 +1,13 @@
-"""The run configuration: one frozen dataclass, its flagfile form, and every check.
+"""The run configuration: one frozen dataclass, its flagfile form, and its validation.
 
 A run of the main job is described by one `TrainConfig`. The command line
 (`noisy_keras.train`), the experiment runner and notebooks all build it here and
 all go through the same checks, `validate_config`: each field's range
 (`check_field`, which the absl flag validators call too) and the rules that tie
-fields together. This module imports neither TensorFlow nor Keras, so the
-command line can print its help and refuse bad input before loading them.
+fields together. The allowed values (names, ranges, rules) are in
+`noisy_keras.config_rules`; this module re-exports the names. Neither imports
+TensorFlow or Keras, so the command line can print its help and refuse bad
+input before loading them.
 
 Noise kinds (`--noise`): `white` is the default, so a flagfile written before
 the other kinds existed, which sets only `--noise_alpha` (0 meaning no noise),
@@ -21,31 +23,30 @@ Flagfiles are absl flagfiles: one `--name=value` per line, `#` comments.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
-STRATEGY_NAMES = ("default", "mirrored", "multiworker")
-XLA_CHOICES = ("auto", "true", "false")
-DETERMINISM_CHOICES = ("auto", "true", "false")
-PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
-LR_SCALING_RULES = ("linear", "sqrt", "none")
-MODEL_NAMES = ("mlp", "cnn", "cnn1d", "cnn1d_bn", "resnet20", "resnet50")
-DATASET_NAMES = ("digits", "mnist1d")
-DATASET_PREFIXES = ("tfds:", "folder:")
-SEED_MAX = 2**31 - 1
-NOISE_KINDS = ("none", "white", "matched", "multiplicative")
-# Models with BatchNormalization (noisy_keras.models.MODELS_WITH_BATCH_NORM; a test keeps
-# the two equal): matched noise without accumulation would split their batches in halves.
-MODELS_WITH_BATCH_NORM = ("cnn1d_bn", "resnet20", "resnet50")
-# Data at scale and the ImageNet recipe.
-OPTIMIZER_NAMES = (*OPTIMIZER_NAMES, "lars")  # LARS (You et al. 2017) for batches of 8k-32k
-STREAMING_CHOICES = ("auto", "true", "false")
-PREPROCESSING_NAMES = ("resize", "resnet")
-MODELS_WITH_RESIDUAL_BN = ("resnet20", "resnet50")
-DEFAULT_LARS_EETA = 0.001
+from noisy_keras import config_rules
+from noisy_keras.config_rules import (  # the allowed values, re-exported where callers look
+    DATASET_NAMES,
+    DATASET_PREFIXES,
+    DEFAULT_LARS_EETA,
+    DETERMINISM_CHOICES,
+    LR_SCALING_RULES,
+    MODEL_NAMES,
+    MODELS_WITH_BATCH_NORM,
+    MODELS_WITH_RESIDUAL_BN,
+    NOISE_KINDS,
+    OPTIMIZER_NAMES,
+    PRECISION_CHOICES,
+    PREPROCESSING_NAMES,
+    SEED_MAX,
+    STRATEGY_NAMES,
+    STREAMING_CHOICES,
+    XLA_CHOICES,
+    check_field,
+    field_rule,
+)
 
 # Fields that may differ when a run is resumed in its work directory: they do not
 # change what is trained (more epochs continue the same run; where the data lives
@@ -55,14 +56,18 @@ RESUMABLE_FIELDS = ("epochs", "verbose", "data_dir")
 __all__ = [
     "DATASET_NAMES",
     "DATASET_PREFIXES",
+    "DEFAULT_LARS_EETA",
     "DETERMINISM_CHOICES",
     "LR_SCALING_RULES",
     "MODEL_NAMES",
+    "MODELS_WITH_BATCH_NORM",
+    "MODELS_WITH_RESIDUAL_BN",
     "NOISE_KINDS",
     "OPTIMIZER_NAMES",
     "PREPROCESSING_NAMES",
     "PRECISION_CHOICES",
     "RESUMABLE_FIELDS",
+    "SEED_MAX",
     "STRATEGY_NAMES",
     "STREAMING_CHOICES",
     "XLA_CHOICES",
@@ -70,6 +75,7 @@ __all__ = [
     "check_field",
     "config_from_strings",
     "default_noise_alpha",
+    "field_rule",
     "read_flagfile",
     "validate_config",
 ]
@@ -222,103 +228,6 @@ def _to_string(value) -> str:
     return str(value)
 
 
-# ---------------------------------------------------------------------------
-# Field checks: one table, used by validate_config and by the absl validators
-# ---------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _int_at_least(minimum: int) -> tuple[Callable, str]:
-    return (lambda v: _is_int(v) and v >= minimum), f"must be >= {minimum}"
-
-
-def _finite_at_least_zero() -> tuple[Callable, str]:
-    return (lambda v: _is_real(v) and math.isfinite(v) and v >= 0), "must be >= 0"
-
-
-def _one_of(names: tuple[str, ...]) -> tuple[Callable, str]:
-    return (lambda v: v in names), f"must be one of {', '.join(names)}"
-
-
-def _dataset_ok(value) -> bool:
-    if not isinstance(value, str):
-        return False
-    if value in DATASET_NAMES:
-        return True
-    return any(value.startswith(p) and len(value) > len(p) for p in DATASET_PREFIXES)
-
-
-_FIELD_RULES: dict[str, tuple[Callable, str]] = {
-    "dataset": (_dataset_ok, "must be one of digits, mnist1d, tfds:NAME or folder:PATH"),
-    "model": _one_of(MODEL_NAMES),
-    "optimizer": _one_of(OPTIMIZER_NAMES),
-    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
-    "weight_decay": _finite_at_least_zero(),
-    "batch_size": _int_at_least(1),
-    "base_batch_size": _int_at_least(1),
-    "base_learning_rate": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
-    "lr_scaling": _one_of(LR_SCALING_RULES),
-    "warmup_epochs": _finite_at_least_zero(),
-    "lr_decay_factor": (lambda v: _is_real(v) and 0 < v <= 1, "must be in (0, 1]"),
-    "lr_decay_epochs": (
-        lambda v: isinstance(v, tuple) and all(_is_int(e) and e >= 1 for e in v),
-        "must be a comma-separated list of epochs >= 1",
-    ),
-    "lr_decay_every": _int_at_least(1),
-    "noise_alpha": _finite_at_least_zero(),
-    "noise_gamma": _finite_at_least_zero(),
-    "epochs": _int_at_least(1),
-    "seed": (lambda v: _is_int(v) and 0 <= v <= SEED_MAX, "must be in [0, 2**31 - 1]"),
-    "strategy": _one_of(STRATEGY_NAMES),
-    "num_devices": _int_at_least(0),
-    "xla": _one_of(XLA_CHOICES),
-    "accumulation_steps": _int_at_least(1),
-    "ghost_batch_size": _int_at_least(0),
-    "val_fraction": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
-    "image_size": _int_at_least(0),
-    "augment": (lambda v: isinstance(v, bool), "must be true or false"),
-    "deterministic": _one_of(DETERMINISM_CHOICES),
-    "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
-    "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
-    "noise": _one_of(NOISE_KINDS),
-    "noise_batch_size": _int_at_least(0),
-    # Data at scale and the ImageNet recipe.
-    "streaming": _one_of(STREAMING_CHOICES),
-    "preprocess": _one_of(PREPROCESSING_NAMES),
-    "updates_per_epoch": _int_at_least(0),
-    "label_smoothing": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
-    "weight_decay_exclude_bn_bias": (lambda v: isinstance(v, bool), "must be true or false"),
-    "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
-    "lars_eeta": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
-    "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
-    # Mixed precision (multi-GPU with XLA)
-    "precision": _one_of(PRECISION_CHOICES),
-}
-
-
-def field_rule(name: str) -> tuple[Callable, str]:
-    """`(predicate, "must be ...")` of field `name` (for flag validators)."""
-    return _FIELD_RULES[name]
-
-
-def check_field(name: str, value) -> None:
-    """Raises ValueError unless `value` is allowed for field `name`.
-
-    Raises:
-        ValueError: "<name> must be ...; received <name>=<value>."
-    """
-    ok, allowed = _FIELD_RULES[name]
-    if not ok(value):
-        raise ValueError(f"{name} {allowed}; received {name}={value!r}.")
-
-
 def validate_config(config: TrainConfig) -> TrainConfig:
     """Checks every field's range and the rules between fields; returns `config`.
 
@@ -329,7 +238,7 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"config must be a TrainConfig; received {type(config).__name__}.")
     for name in ("model", "optimizer", "dataset"):
         value = getattr(config, name)
-        if not _FIELD_RULES[name][0](value):
+        if not config_rules.field_rule(name)[0](value):
             valid = {
                 "model": ", ".join(MODEL_NAMES),
                 "optimizer": ", ".join(OPTIMIZER_NAMES),
@@ -348,94 +257,9 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ValueError(
             f"ghost_batch_size={config.ghost_batch_size} exceeds batch_size={config.batch_size}."
         )
-    _validate_noise(config)
-    _check_scale_fields(config)
+    config_rules.validate_noise(config)
+    config_rules.check_scale_fields(config)
     return config
-
-
-def _validate_noise(config: TrainConfig) -> None:
-    """The rules that tie --noise to --noise_alpha, --noise_batch_size and the recipe."""
-    kind, alpha, small = config.noise, config.noise_alpha, config.noise_batch_size
-    if kind != "white" and alpha != 0:
-        raise ValueError(
-            f"--noise_alpha={alpha!r} sets the white noise's size; with --noise={kind} it must "
-            "be 0 (leave it unset). Use --noise=white for the paper's noise."
-        )
-    if kind in ("none", "white"):
-        if small:
-            raise ValueError(
-                f"--noise_batch_size={small} is for --noise=matched or multiplicative; with "
-                f"--noise={kind} it must be 0."
-            )
-        return
-    if not small:
-        raise ValueError(
-            f"--noise={kind} needs --noise_batch_size=b, the small batch whose gradient noise "
-            "it restores (1 <= b <= --batch_size); received --noise_batch_size=0."
-        )
-    if small > config.batch_size:
-        raise ValueError(
-            f"--noise_batch_size={small} exceeds --batch_size={config.batch_size}; added noise "
-            "can only make a batch noisier: allowed 1 <= b <= --batch_size."
-        )
-    if config.lr_scaling == "linear" and small != config.batch_size:
-        raise ValueError(
-            f"--noise={kind} with --lr_scaling=linear adds nothing: the learning rate already "
-            f"grows B/b = {config.batch_size}/{small} times, which restores the small batch's "
-            "noise temperature (s^2 = (B/b)/m - 1 = 0). Use --lr_scaling=none (the small "
-            "batch's learning rate) or sqrt, or --noise=white / none."
-        )
-    if (
-        kind == "matched"
-        and config.accumulation_steps == 1
-        and config.model in MODELS_WITH_BATCH_NORM
-    ):
-        raise ValueError(
-            f"--noise=matched with --model={config.model} (BatchNormalization) needs "
-            "--accumulation_steps >= 2: without accumulation tr(Sigma) is estimated from two "
-            "halves of each replica's batch, which BatchNormalization would normalize apart."
-        )
-
-
-def _check_scale_fields(config: TrainConfig) -> None:
-    """Rules between the fields of streaming input and the ImageNet recipe (no silent no-ops)."""
-    is_image_files = config.dataset.startswith(DATASET_PREFIXES)
-    if config.streaming == "true" and not is_image_files:
-        raise ValueError(
-            f"streaming=true reads image files; dataset={config.dataset!r} is held in memory. "
-            "Allowed with streaming=true: tfds:NAME and folder:PATH."
-        )
-    if config.preprocess == "resnet":
-        if not is_image_files or config.streaming == "false":
-            raise ValueError(
-                f"preprocess='resnet' crops each decoded image and needs a streamed tfds:NAME or "
-                f"folder:PATH dataset; received dataset={config.dataset!r}, "
-                f"streaming={config.streaming!r}."
-            )
-        if config.augment:
-            raise ValueError(
-                "augment=true adds the translation of preprocess='resize'; preprocess='resnet' "
-                "has its own random-resized crop and flip. Use augment=false."
-            )
-    if config.weight_decay_exclude_bn_bias and not (
-        config.weight_decay > 0 or config.optimizer == "lars"
-    ):
-        raise ValueError(
-            "weight_decay_exclude_bn_bias=true has no effect with weight_decay=0 (it also "
-            f"excludes them from LARS' adaptation); received weight_decay={config.weight_decay!r}, "
-            f"optimizer={config.optimizer!r}."
-        )
-    if config.lars_eeta != DEFAULT_LARS_EETA and config.optimizer != "lars":
-        raise ValueError(
-            f"lars_eeta={config.lars_eeta!r} is used by optimizer='lars' only; received "
-            f"optimizer={config.optimizer!r}."
-        )
-    if config.zero_init_residual and config.model not in MODELS_WITH_RESIDUAL_BN:
-        raise ValueError(
-            f"zero_init_residual=true needs a model with residual blocks ending in "
-            f"BatchNormalization ({', '.join(MODELS_WITH_RESIDUAL_BN)}); received "
-            f"model={config.model!r}."
-        )
 
 
 # ---------------------------------------------------------------------------

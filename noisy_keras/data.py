@@ -444,3 +444,26 @@ def check_batches_per_epoch(name, num_train, batch_size, batches_per_epoch) -> i
             f"{name!r}; received batches_per_epoch={batches_per_epoch}."
         )
     return batches_per_epoch
+
+
+def from_split(name, x, y, seed, val_fraction, **fields) -> ClassificationData:
+    """A `ClassificationData` of arrays (x, y) split stratified by `val_fraction` from `seed`."""
+    train, val = stratified_split(y, val_fraction, seed)
+    return ClassificationData(
+        name=name,
+        x_train=x[train],
+        y_train=y[train],
+        x_val=x[val],
+        y_val=y[val],
+        validation=(f"stratified {val_fraction:g} of the examples of each class, seed {seed}"),
+        **fields,
+    )
+
+
+def images_to_numpy(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Collects a dataset of (uint8 image, label) of fixed image shape into arrays."""
+    images, labels = [], []
+    for image_batch, label_batch in dataset.batch(256).as_numpy_iterator():
+        images.append(image_batch)
+        labels.append(label_batch)
+    return np.concatenate(images), np.concatenate(labels).astype("int32")

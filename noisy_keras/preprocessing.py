@@ -34,6 +34,8 @@ import tensorflow as tf
 
 from noisy_keras.config import PREPROCESSING_NAMES
 
+DEFAULT_IMAGE_SIZE = 224
+"""Side in pixels images are resized to when no size is given (the ResNet-50 input)."""
 CROP_AREA_RANGE = (0.08, 1.0)
 """Fraction of the image area a random-resized crop covers (Szegedy et al. 2015)."""
 CROP_ASPECT_RANGE = (3 / 4, 4 / 3)

@@ -420,3 +420,15 @@ class StreamedImageData:
         count = min(count, self.num_train)
         xs, ys = zip(*self._eval_batches("train", 256, False, count).as_numpy_iterator())
         return np.concatenate(xs), np.concatenate(ys)
+
+
+def should_stream(mode: str, preprocess: str, num_images: int | None, image_shape) -> bool:
+    """Whether to stream: asked for, "resnet" preprocessing, or "auto" over the memory limit.
+
+    "auto" holds a dataset of unknown size (TFDS without split sizes) in memory.
+    """
+    if mode == "true" or preprocess == "resnet":
+        return True
+    if mode == "false" or num_images is None:
+        return False
+    return decoded_bytes(num_images, image_shape) > IN_MEMORY_LIMIT_BYTES

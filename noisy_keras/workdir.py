@@ -107,6 +107,7 @@ __all__ = [
     "prepare_workdir",
     "read_json",
     "read_metrics",
+    "read_run_config",
     "read_status",
     "write_json",
     "write_status",
@@ -367,6 +368,20 @@ def _write_rows(path: str, rows: list) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+def read_run_config(workdir: str) -> config_lib.TrainConfig:
+    """The config a run was made with, from its flags.txt (less the `--workdir` line).
+
+    Fields the file lacks were added to `TrainConfig` after the run: it had their defaults.
+
+    Raises:
+        FileNotFoundError: the directory has no flags.txt.
+        ValueError: the file does not parse as a config.
+    """
+    values = config_lib.read_flagfile(os.path.join(workdir, FLAGS_FILE))
+    values.pop("workdir", None)
+    return config_lib.config_from_strings(values)
 
 
 def read_metrics(path: str) -> list[dict]:

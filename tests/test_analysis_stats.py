@@ -4,8 +4,9 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 
-from noisy_keras.analysis import summarize
+from noisy_keras.analysis import stats, summarize
 
 # Student t quantiles from printed tables (two-sided 95% -> 0.975 quantile).
 T_975_DF4 = 2.7764451051977987
@@ -65,3 +66,22 @@ def test_interval_covers_true_mean_at_its_level():
 def test_bad_input_raises(values, confidence, match):
     with pytest.raises(ValueError, match=match):
         summarize(values, confidence=confidence)
+
+
+def test_welch_difference_matches_the_hand_computed_interval():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0]
+    # s_a^2 = 5/3, s_b^2 = 4: v = 5/12 + 4/3 = 7/4; df = v^2 / ((5/12)^2/3 + (4/3)^2/2)
+    v = 5 / 12 + 4 / 3
+    df = v**2 / ((5 / 12) ** 2 / 3 + (4 / 3) ** 2 / 2)
+    half = scipy.stats.t.ppf(0.975, df) * math.sqrt(v)
+    d = stats.welch_difference(a, b)
+    assert d.difference == pytest.approx(2.5 - 4.0)
+    assert d.df == pytest.approx(df)
+    assert (d.ci_low, d.ci_high) == pytest.approx((-1.5 - half, -1.5 + half))
+    # the interval agrees with the unequal-variance t test: 0 lies outside iff p < 0.05
+    p = scipy.stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert (d.ci_high < 0) == (p < 0.05)
+    with pytest.raises(ValueError, match="b needs at least two values"):
+        stats.welch_difference(a, [1.0])
+    with pytest.raises(ValueError, match="no spread"):
+        stats.welch_difference([1.0, 1.0], [2.0, 2.0])

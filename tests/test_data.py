@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from noisy_keras import data, datasets
+from noisy_keras import data, datasets, tfds_data
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_tfds_validation_split_is_used_when_present(tmp_path, monkeypatch):
     read_splits = []
 
     # Mocked TFDS knows no split names; pretend the prepared dataset has these two.
-    monkeypatch.setattr(datasets, "_tfds_split_names", lambda builder: {"train", "validation"})
+    monkeypatch.setattr(tfds_data, "_tfds_split_names", lambda builder: {"train", "validation"})
     with tfds.testing.mock_data(num_examples=6):
         mocked = tfds.core.DatasetBuilder.as_dataset
 

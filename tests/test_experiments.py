@@ -1,6 +1,7 @@
 """The experiment runner: grid x seeds, resume without redoing finished runs, tables."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from noisy_keras import config as config_lib
-from noisy_keras import experiments
+from noisy_keras import experiments, grid, reports
 from noisy_keras import train as train_lib
 from noisy_keras.analysis import plots
 
@@ -157,3 +158,100 @@ def test_the_command_line_runs_a_packaged_recipe_from_another_directory(tmp_path
         str(tmp_path / "grid" / "runs" / "repro_digits-b1024-a0" / "seed0" / "flags.txt")
     )
     assert (flags["model"], flags["epochs"], flags["batch_size"]) == ("mlp", "2", "1024")
+
+
+def test_same_updates_stretches_epochs_warmup_and_decay_by_the_batch_ratio(flagfile):
+    cell = experiments.Cell(flagfile, 512, 0.0, experiments.Noise("none"))
+    base = experiments.cell_config(cell, 0, {"warmup_epochs": "2", "lr_decay_epochs": "3,5"})
+    config = experiments.cell_config(
+        cell, 0, {"warmup_epochs": "2", "lr_decay_epochs": "3,5"}, same_updates=True
+    )
+    assert base.base_batch_size == 32  # 512 / 32 = 16 times the epochs
+    assert (config.epochs, config.warmup_epochs, config.lr_decay_epochs) == (16, 32.0, (48, 80))
+    assert config.lr_decay_every == 16 * base.lr_decay_every
+    same_base = experiments.Cell(flagfile, 32, 0.0, experiments.Noise("none"))
+    assert experiments.cell_config(same_base, 0, {}, same_updates=True).epochs == 1
+    odd = experiments.Cell(flagfile, 48, 0.0, experiments.Noise("none"))
+    with pytest.raises(ValueError, match=r"cell tiny-b48-none: same_updates: epochs=1 .*48/32"):
+        experiments.cell_config(odd, 0, {}, same_updates=True)
+
+
+def test_reports_collect_every_invocation_and_compare_with_a_reference(flagfile, tmp_path):
+    out = str(tmp_path / "grid")
+    common = dict(out=out, flagfiles=[flagfile], seeds=[0, 1], log=lambda _: None)
+    first = experiments.run_grid(**common, batch_sizes=[128], noises=["none"])
+    second = experiments.run_grid(
+        **common, batch_sizes=[256], noises=["none", "white:1e-3"], reference="tiny-b128-none"
+    )
+    assert [r["cell"] for r in first] == ["tiny-b128-none"] * 2  # each invocation's own rows
+    assert sorted({r["cell"] for r in second}) == ["tiny-b256-a0.001", "tiny-b256-none"]
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        every = list(csv.DictReader(f))  # the report has both invocations' runs
+    assert sorted({(r["cell"], r["seed"]) for r in every}) == [
+        (cell, seed)
+        for cell in ("tiny-b128-none", "tiny-b256-a0.001", "tiny-b256-none")
+        for seed in ("0", "1")
+    ]
+    assert {r["noise"] for r in every if r["cell"] == "tiny-b256-a0.001"} == {"white"}
+    # Differences: mean minus the reference's mean, Welch's interval around it.
+    rows = reports.collect_rows(out)
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault(r["cell"], []).append(r["val_accuracy"])
+    diffs = {d["cell"]: d for d in reports.differences(rows, "tiny-b128-none")}
+    for cell in ("tiny-b256-none", "tiny-b256-a0.001"):
+        d = diffs[cell]
+        expected = sum(by_cell[cell]) / 2 - sum(by_cell["tiny-b128-none"]) / 2
+        assert d["difference"] == pytest.approx(expected)
+        if not math.isnan(d["ci_low"]):
+            assert d["ci_low"] < d["difference"] < d["ci_high"]
+    markdown = open(os.path.join(out, "differences.md")).read()
+    assert "from tiny-b128-none" in markdown and "| tiny-b256-none | 2 |" in markdown
+    with pytest.raises(ValueError, match=r"reference='tiny-b64-none' has no finished runs; cells"):
+        reports.differences(rows, "tiny-b64-none")
+
+
+def test_cell_of_run_reads_the_cell_back_and_refuses_a_renamed_directory(flagfile, tmp_path):
+    for noise in ("none", "white:1e-05", "matched:32", "multiplicative:16"):
+        cell = experiments.grid_cells([flagfile], [64], noises=[noise])[0]
+        config = experiments.cell_config(cell, 3, {"lr_scaling": "none"})
+        back = grid.cell_of_run(experiments.run_dir("out", cell, 3), config)
+        assert (back.name, back.base_name, back.kind) == (cell.name, "tiny", cell.kind)
+    renamed = os.path.join("out", "runs", "renamed", "seed3")
+    with pytest.raises(ValueError, match=r"'renamed' does not end with '-b64-multiplicative-n16'"):
+        grid.cell_of_run(renamed, config)
+
+
+def test_noise_temperature_report_measures_each_cell_against_its_small_batch(flagfile, tmp_path):
+    out = str(tmp_path / "grid")
+    experiments.run_grid(
+        out=out,
+        flagfiles=[flagfile],
+        batch_sizes=[32, 256],
+        noises=["none", "multiplicative:32"],
+        overrides={"lr_scaling": "none"},
+        seeds=[0],
+        log=lambda _: None,
+    )
+    rows = reports.collect_rows(out)
+    found = reports.noise_temperature_rows(rows, "tiny-b256-none", num_draws=100, max_examples=400)
+    entries = {(e["cell"], e["point"]): e for e in found}
+    assert sorted({cell for cell, _ in entries}) == [
+        "tiny-b256-multiplicative-n32",
+        "tiny-b256-none",
+        "tiny-b32-multiplicative-n32",
+        "tiny-b32-none",
+    ]
+    for point in ("init", "final"):
+        ratio = {cell: e["ratio"] for (cell, p), e in entries.items() if p == point}
+        error = {cell: e["ratio_standard_error"] for (cell, p), e in entries.items() if p == point}
+        predicted = {cell: e["predicted_ratio"] for (cell, p), e in entries.items() if p == point}
+        # b = B: the small batch against itself (independent draws of the same size)
+        assert ratio["tiny-b32-none"] == pytest.approx(1.0, abs=4 * error["tiny-b32-none"])
+        for cell in ratio:  # the measurement follows the closed forms
+            assert ratio[cell] == pytest.approx(predicted[cell], abs=4 * error[cell] + 0.02)
+        # without noise B=256 of 400 examples carries far less noise than b=32; with the
+        # multiplicative weights it carries at least the small batch's
+        assert predicted["tiny-b256-none"] < 0.1 and predicted["tiny-b256-multiplicative-n32"] > 0.9
+    markdown = reports.noise_temperature_markdown(found)
+    assert "| tiny-b256-none | final | 1 |" in markdown

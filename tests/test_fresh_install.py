@@ -21,7 +21,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import tensorflow_datasets as tfds  # noqa: E402
 
 from noisy_keras import config as config_lib  # noqa: E402
-from noisy_keras import datasets, experiments  # noqa: E402
+from noisy_keras import datasets, experiments, tfds_data  # noqa: E402
 from noisy_keras import train as train_lib  # noqa: E402
 from noisy_keras import workdir as workdir_lib  # noqa: E402
 
@@ -100,8 +100,8 @@ def test_the_main_job_trains_on_tfds_mnist_under_tfds_mock_data(tmp_path):
 
 def test_an_unprepared_tfds_dataset_fails_within_seconds_without_network(tmp_path):
     """The real mnist builder, not prepared; the download host is made unreachable."""
-    saved = datasets.TFDS_PROBE_ADDRESS
-    datasets.TFDS_PROBE_ADDRESS = ("127.0.0.1", 9)  # nothing listens: refused at once
+    saved = tfds_data.TFDS_PROBE_ADDRESS
+    tfds_data.TFDS_PROBE_ADDRESS = ("127.0.0.1", 9)  # nothing listens: refused at once
     workdir = tmp_path / "run"
     try:
         config = config_lib.TrainConfig(
@@ -114,7 +114,7 @@ def test_an_unprepared_tfds_dataset_fails_within_seconds_without_network(tmp_pat
         else:
             raise AssertionError("an unprepared dataset without network was not refused")
     finally:
-        datasets.TFDS_PROBE_ADDRESS = saved
+        tfds_data.TFDS_PROBE_ADDRESS = saved
     assert "'tfds:mnist' is not prepared in data_dir=" in message, message
     # Refused by the connection test, before TFDS' own download (which retries for minutes).
     assert "cannot be downloaded: no network (connecting to 127.0.0.1:9 failed" in message

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from noisy_keras import config as config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 
@@ -40,9 +42,14 @@ CASES = {
     "mlp": ["--model=mlp"],
     "cnn": [],  # the default model
     "cnn1d": ["--dataset=mnist1d", "--model=cnn1d"],
+    "cnn1d_bn": ["--dataset=mnist1d", "--model=cnn1d_bn"],
     "resnet20": ["--model=resnet20", "--image_size=32"],
     "resnet50": ["--model=resnet50", "--image_size=32"],
 }
+
+
+def test_the_cases_are_the_registry():
+    assert sorted(CASES) == sorted(config_lib.MODEL_NAMES)
 
 
 @pytest.mark.parametrize("model", list(CASES))

@@ -8,6 +8,7 @@ import tensorflow as tf
 from noisy_keras.layers import GhostBatchNormalization
 from noisy_keras.models import (
     MODEL_NAMES,
+    MODELS_WITH_BATCH_NORM,
     MODELS_WITH_MAX_POOLING,
     Subsample2D,
     build_model,
@@ -19,6 +20,7 @@ SMALL_MODELS = {
     "mlp": ((8, 8, 1), 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10),
     "cnn": ((8, 8, 1), 159_626),
     "cnn1d": ((40, 1), 12_106),
+    "cnn1d_bn": ((40, 1), 12_394),  # 3 BN layers: 96 gammas/betas trainable, 192 moving stats
     "resnet20": ((16, 16, 3), 271_098),  # global pooling: the count is size-independent
 }
 
@@ -52,7 +54,7 @@ def test_model_builds_counts_parameters_and_trains_one_step(name):
     assert not np.allclose(logits.sum(axis=1), 1.0)  # logits, not probabilities
     trainable_before = [np.array(w) for w in model.trainable_weights]
     # Train-mode BN makes the inference loss of resnet20 a poor yardstick; use training loss.
-    if name == "resnet20":
+    if name in MODELS_WITH_BATCH_NORM:
         model.compile(
             optimizer=keras.optimizers.SGD(0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -89,6 +91,29 @@ def test_same_seed_same_weights_other_seed_other_weights(name):
         np.testing.assert_array_equal(first, again)
     kernels = [(a, b) for a, b in zip(weights[0], weights[2], strict=True) if a.std() > 0]
     assert kernels and all(not np.array_equal(a, b) for a, b in kernels)
+
+
+def test_cnn1d_bn_is_cnn1d_with_batch_normalization_and_takes_ghost_batches():
+    plain = build_model("cnn1d", input_shape=(40, 1), num_classes=10, seed=0)
+    with_bn = build_model("cnn1d_bn", input_shape=(40, 1), num_classes=10, seed=0)
+    bn = [layer for layer in with_bn.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [layer.name for layer in bn] == ["bn0", "bn1", "bn2"]
+    convs = [layer for layer in with_bn.layers if isinstance(layer, keras.layers.Conv1D)]
+    assert [c.kernel.shape for c in convs] == [
+        c.kernel.shape for c in plain.layers if isinstance(c, keras.layers.Conv1D)
+    ]
+    assert not any(c.use_bias for c in convs)  # BN's beta is the bias
+    # the trainable difference from cnn1d: 3 x 32 conv biases out, 3 x 32 (gamma, beta) in
+    assert sum(int(np.prod(w.shape)) for w in with_bn.trainable_weights) == 12_106 - 96 + 192
+    ghost = build_model("cnn1d_bn", input_shape=(40, 1), num_classes=10, seed=0, ghost_batch_size=4)
+    gbn = [layer for layer in ghost.layers if isinstance(layer, GhostBatchNormalization)]
+    assert [(layer.name, layer.virtual_batch_size) for layer in gbn] == [
+        ("bn0", 4),
+        ("bn1", 4),
+        ("bn2", 4),
+    ]
+    for a, b in zip(with_bn.get_weights(), ghost.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_ghost_swap_replaces_every_batch_normalization_in_resnet20():

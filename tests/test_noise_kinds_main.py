@@ -163,6 +163,8 @@ def test_grid_over_noise_kinds_names_cells_runs_and_tables(tmp_path, monkeypatch
     def fake_train(config, workdir=None, **kwargs):  # the runs themselves: test_train.py
         trained.append(config)
         os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, workdir_lib.FLAGS_FILE), "w") as f:
+            f.write(config.to_flagfile() + f"--workdir={workdir}\n")
         row = {c: 0.5 for c in workdir_lib.METRICS_COLUMNS if c != "epoch"}
         with open(os.path.join(workdir, workdir_lib.METRICS_FILE), "w", newline="") as f:
             writer = csv.DictWriter(f, workdir_lib.METRICS_COLUMNS)

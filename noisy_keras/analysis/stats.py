@@ -79,3 +79,52 @@ def summarize(values, *, confidence: float = 0.95) -> Summary:
     return Summary(
         count, mean, std, mean - half_width, mean + half_width, half_width, float(confidence)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """A difference of two means with Welch's confidence interval.
+
+    Attributes:
+        difference: mean(a) - mean(b).
+        ci_low, ci_high: the confidence interval of the difference.
+        df: the Welch-Satterthwaite degrees of freedom.
+        confidence: the confidence level.
+    """
+
+    difference: float
+    ci_low: float
+    ci_high: float
+    df: float
+    confidence: float
+
+
+def welch_difference(a, b, *, confidence: float = 0.95) -> Difference:
+    """mean(a) - mean(b) with Welch's t interval (unequal variances).
+
+    With s_a^2, s_b^2 the sample variances (divisor n - 1) and v = s_a^2 / n_a +
+    s_b^2 / n_b, the interval is d +- t_{(1 + c) / 2, df} sqrt(v), with the
+    Welch-Satterthwaite df = v^2 / ((s_a^2 / n_a)^2 / (n_a - 1) + (s_b^2 / n_b)^2
+    / (n_b - 1)) (Welch 1947).
+
+    Args:
+        a, b: 1-D sequences of finite numbers, at least two each.
+        confidence: strictly between 0 and 1.
+
+    Raises:
+        ValueError: fewer than two values in a sample, or no spread in either.
+    """
+    samples = []
+    for name, values in (("a", a), ("b", b)):
+        s = summarize(values, confidence=confidence)
+        if s.count < 2:
+            raise ValueError(f"{name} needs at least two values; received {s.count}.")
+        samples.append((s.mean, s.std**2 / s.count, s.count))
+    (mean_a, va, na), (mean_b, vb, nb) = samples
+    v = va + vb
+    if v == 0:
+        raise ValueError("a and b have no spread: Welch's interval is undefined.")
+    df = v**2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2.0, df=df)) * math.sqrt(v)
+    d = mean_a - mean_b
+    return Difference(d, d - half, d + half, float(df), float(confidence))

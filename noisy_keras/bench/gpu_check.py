@@ -3,7 +3,7 @@ r"""Benchmark part "gpu_check": every registry model mirrored with XLA per repli
     python -m noisy_keras.bench --parts=gpu_check --out=gpu_check.json   # on a machine with GPUs
     python -m noisy_keras.bench --parts=gpu_check --quick                 # CPU smoke run (CI)
 
-For each model of the registry (`mlp`, `cnn`, `cnn1d`, `resnet20`, `resnet50`;
+For each model of the registry (`mlp`, `cnn`, `cnn1d`, `cnn1d_bn`, `resnet20`, `resnet50`;
 `--quick`: `mlp` only) it trains a few steps with `enable_replica_xla` under
 `MirroredStrategy` over every GPU (without GPUs, `ENGINE_DEVICES` logical CPU
 devices) in `mixed_float16`, with `NoisyOptimizer(SGD(momentum=0.9))`, and
@@ -39,8 +39,10 @@ from noisy_keras.bench.engine import ENGINE_DEVICES, measure_engine
 from noisy_keras.optimizer import NoisyOptimizer
 
 PRECISION = "mixed_float16"
-REGISTRY = ("mlp", "cnn", "cnn1d", "resnet20", "resnet50")
-PER_REPLICA_BATCH = {"mlp": 256, "cnn": 256, "cnn1d": 256, "resnet20": 128, "resnet50": 64}
+REGISTRY = ("mlp", "cnn", "cnn1d", "cnn1d_bn", "resnet20", "resnet50")
+PER_REPLICA_BATCH = {
+    "mlp": 256, "cnn": 256, "cnn1d": 256, "cnn1d_bn": 256, "resnet20": 128, "resnet50": 64
+}  # fmt: skip
 """Examples per replica and step (the global batch is this times the replicas)."""
 THROUGHPUT_CONFIGS = ("engine_mirrored_xla", "keras_mirrored", "keras_single_xla")
 

@@ -26,6 +26,7 @@ INPUT_SHAPES = {
     "mlp": (8, 8, 1),
     "cnn": (8, 8, 1),
     "cnn1d": (40, 1),
+    "cnn1d_bn": (40, 1),
     "resnet20": (32, 32, 3),
     "resnet50": (32, 32, 3),
 }
@@ -37,7 +38,7 @@ def batch_arrays(workload: Workload, num_batches: int = 1):
 
     `cnn`, `mlp`: the digits training examples in a fixed order (real data,
     normalized as in training), from the first again after all 1,347.
-    `cnn1d`, `resnet20`, `resnet50`: uniform [0, 1) inputs of `INPUT_SHAPES`
+    `cnn1d`, `cnn1d_bn`, `resnet20`, `resnet50`: uniform [0, 1) inputs of `INPUT_SHAPES`
     and uniform labels of 10 classes, from a fixed seed (the step time does not
     depend on the values).
     """
