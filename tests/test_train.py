@@ -59,7 +59,7 @@ def test_flags_build_a_frozen_config(flag_values):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model": "vgg"}, r"Unknown model='vgg'; valid: mlp, cnn, cnn1d, resnet20, resnet50"),
+        ({"model": "vgg"}, r"Unknown model='vgg'; valid: mlp, cnn, cnn1d, cnn1d_bn, resnet20, "),
         ({"optimizer": "sgdw"}, r"Unknown optimizer='sgdw'; valid: sgd, momentum"),
         ({"dataset": "cifar10"}, r"Unknown dataset='cifar10'; valid: digits, mnist1d, tfds:NAME"),
         ({"batch_size": 100, "accumulation_steps": 3}, r"batch_size=100 is not divisible by"),
