@@ -18,7 +18,6 @@ Outputs in OUT:
 
 from __future__ import annotations
 
-import csv
 import glob
 import math
 import os
@@ -151,12 +150,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     keys = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    workdir_lib.write_csv(path, rows, keys)
 
 
 def _what(rows: list[dict]) -> str:

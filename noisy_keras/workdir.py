@@ -109,6 +109,7 @@ __all__ = [
     "read_metrics",
     "read_run_config",
     "read_status",
+    "write_csv",
     "write_json",
     "write_status",
 ]
@@ -361,10 +362,11 @@ def prepare_workdir(
 # ---------------------------------------------------------------------------
 
 
-def _write_rows(path: str, rows: list) -> None:
+def write_csv(path: str, rows: list, columns=METRICS_COLUMNS) -> None:
+    """Writes `rows` (dicts) under a header of `columns` atomically (a temporary file, renamed)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, METRICS_COLUMNS)
+        writer = csv.DictWriter(f, list(columns))
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
@@ -429,7 +431,7 @@ def metrics_csv_callback(path: str):
                 self.first_epoch = epoch
                 rows = read_metrics(path) if os.path.exists(path) else []
                 kept = [r for r in rows if r["epoch"] <= epoch]
-                _write_rows(path, kept)
+                write_csv(path, kept)
                 self.elapsed_before = kept[-1]["wall_time_s"] if kept else 0.0
                 self.session_start = time.time()
             optimizer = self.model.optimizer
