@@ -141,7 +141,7 @@ def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
     metrics = os.path.join(resumed_dir, "metrics.csv")
     first = workdir_lib.read_metrics(metrics)
     first[-1]["wall_time_s"] = 1e6  # as if the first session had trained for 1e6 s
-    workdir_lib._write_rows(metrics, first)
+    workdir_lib.write_csv(metrics, first)
     lines = []
     resumed = train_lib.train(config, resumed_dir, log=lines.append)
     assert lines == [
