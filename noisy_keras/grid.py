@@ -17,6 +17,7 @@ turns them into tables and figures.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import importlib.resources
 import itertools
 import os
@@ -52,6 +53,15 @@ class Noise:
         if self.kind == "white":
             return "no noise" if self.alpha == 0 else f"alpha={self.alpha:g}"
         return "none" if self.kind == "none" else f"{self.kind} (b={self.batch_size})"
+
+    @classmethod
+    def of_config(cls, config: config_lib.TrainConfig) -> Noise:
+        """The noise a config trains with (the inverse of `config_changes`)."""
+        if config.noise == "white":
+            return cls("white", alpha=config.noise_alpha)
+        if config.noise == "none":
+            return cls("none")
+        return cls(config.noise, batch_size=config.noise_batch_size)
 
     def config_changes(self) -> dict:
         """The `TrainConfig` fields this noise sets."""
@@ -100,6 +110,11 @@ class Cell:
     batch_size: int
     alpha: float
     noise: Noise | None = None  # None: white noise of `alpha` (the original grid)
+
+    @classmethod
+    def of(cls, flagfile: str, batch_size: int, noise: Noise) -> Cell:
+        """The cell of `flagfile` at `batch_size` with `noise` (white noise kept as `alpha`)."""
+        return cls(flagfile, batch_size, noise.alpha, None if noise.kind == "white" else noise)
 
     @property
     def kind(self) -> Noise:
@@ -170,7 +185,7 @@ def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
     kinds = [Noise("white", alpha=float(a)) for a in alphas]
     kinds += [n if isinstance(n, Noise) else parse_noise(n) for n in noises]
     return [
-        Cell(resolve_flagfile(f), int(b), k.alpha, None if k.kind == "white" else k)
+        Cell.of(resolve_flagfile(f), int(b), k)
         for f, b, k in itertools.product(flagfiles, batch_sizes, kinds)
     ]
 
@@ -189,24 +204,23 @@ def same_updates_changes(config: config_lib.TrainConfig) -> dict:
     Raises:
         ValueError: a stretched field would not be a whole number of epochs.
     """
-    factor = config.batch_size / config.base_batch_size
-    changes = {
-        "epochs": config.epochs * factor,
-        "lr_decay_every": config.lr_decay_every * factor,
-        "lr_decay_epochs": tuple(e * factor for e in config.lr_decay_epochs),
-    }
-    for name, value in changes.items():
-        values = value if isinstance(value, tuple) else (value,)
-        if any(v != round(v) for v in values):
+    factor = fractions.Fraction(config.batch_size, config.base_batch_size)
+
+    def stretched(name: str, epochs: int) -> int:
+        value = epochs * factor
+        if value.denominator != 1:
             raise ValueError(
                 f"same_updates: {name}={getattr(config, name)} x batch_size / base_batch_size "
                 f"({config.batch_size}/{config.base_batch_size}) is not a whole number of epochs."
             )
-    changes = {
-        k: tuple(int(round(x)) for x in v) if isinstance(v, tuple) else int(round(v))
-        for k, v in changes.items()
+        return int(value)
+
+    return {
+        "epochs": stretched("epochs", config.epochs),
+        "lr_decay_every": stretched("lr_decay_every", config.lr_decay_every),
+        "lr_decay_epochs": tuple(stretched("lr_decay_epochs", e) for e in config.lr_decay_epochs),
+        "warmup_epochs": config.warmup_epochs * float(factor),
     }
-    return {**changes, "warmup_epochs": config.warmup_epochs * factor}
 
 
 def cell_config(
@@ -238,12 +252,7 @@ def cell_of_run(workdir: str, config: config_lib.TrainConfig) -> Cell:
     Raises:
         ValueError: the directory name does not end as the config's cell would.
     """
-    if config.noise == "white":
-        noise = Noise("white", alpha=config.noise_alpha)
-    elif config.noise == "none":
-        noise = Noise("none")
-    else:
-        noise = Noise(config.noise, batch_size=config.noise_batch_size)
+    noise = Noise.of_config(config)
     name = os.path.basename(os.path.dirname(os.path.normpath(workdir)))
     suffix = f"-b{config.batch_size}-{noise.name}"
     if not name.endswith(suffix) or len(name) == len(suffix):
@@ -251,7 +260,4 @@ def cell_of_run(workdir: str, config: config_lib.TrainConfig) -> Cell:
             f"run directory {workdir!r}: cell name {name!r} does not end with {suffix!r}, the "
             "batch size and noise of its flags.txt."
         )
-    base = name[: -len(suffix)]
-    return Cell(
-        f"{base}.flags", config.batch_size, noise.alpha, None if noise.kind == "white" else noise
-    )
+    return Cell.of(f"{name[: -len(suffix)]}.flags", config.batch_size, noise)

@@ -100,17 +100,21 @@ def _cnn(input_shape, num_classes):
     )
 
 
+def _check_signal_input(name: str, input_shape) -> None:
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"model {name!r} needs 1-D signal inputs (length, channels); received "
+            f"input_shape={tuple(input_shape)}."
+        )
+
+
 def _cnn1d(input_shape, num_classes):
     """Three 1-D ReLU convolutions (32 channels, width 5, stride 2), then linear.
 
     Close to MNIST-1D's reference CNN (Greydanus 2020); on (40, 1) signals:
     12,106 parameters.
     """
-    if len(input_shape) != 2:
-        raise ValueError(
-            f"model 'cnn1d' needs 1-D signal inputs (length, channels); received "
-            f"input_shape={tuple(input_shape)}."
-        )
+    _check_signal_input("cnn1d", input_shape)
     return keras.Sequential(
         [
             keras.Input(input_shape),
@@ -131,11 +135,7 @@ def _cnn1d_bn(input_shape, num_classes):
     needs BatchNormalization to act on; 12,394 parameters on (40, 1) signals,
     of which 192 are BN moving statistics.
     """
-    if len(input_shape) != 2:
-        raise ValueError(
-            f"model 'cnn1d_bn' needs 1-D signal inputs (length, channels); received "
-            f"input_shape={tuple(input_shape)}."
-        )
+    _check_signal_input("cnn1d_bn", input_shape)
     inputs = keras.Input(input_shape)
     x = inputs
     for index in range(3):

@@ -73,10 +73,9 @@ def collect_rows(out: str) -> list[dict]:
         config = workdir_lib.read_run_config(workdir)
         cell = grid_lib.cell_of_run(workdir, config)
         rows.append(run_row(cell, config.seed, summary, workdir, config))
-    kinds = ("none", "white", "matched", "multiplicative")
     rows.sort(
         key=lambda r: (
-            r["base"], r["batch_size"], kinds.index(r["noise"]), r["alpha"],
+            r["base"], r["batch_size"], config_lib.NOISE_KINDS.index(r["noise"]), r["alpha"],
             r["noise_batch_size"], r["seed"],
         )
     )  # fmt: skip
@@ -276,10 +275,10 @@ def differences_markdown(table: list[dict], scale: float = 100.0) -> str:
 
 def _cell_noise(config: config_lib.TrainConfig) -> tuple[str, int]:
     """The `noise_temperature` kind of a run's noise and the small batch it compares with."""
-    if config.noise in ("matched", "multiplicative"):
-        return config.noise, config.noise_batch_size
-    kind = "none" if config.noise == "none" or config.noise_alpha == 0 else "white"
-    return kind, config.base_batch_size
+    noise = grid_lib.Noise.of_config(config)
+    if noise.kind in ("matched", "multiplicative"):
+        return noise.kind, noise.batch_size
+    return ("white" if noise.alpha else "none"), config.base_batch_size
 
 
 def noise_temperature_rows(
@@ -333,14 +332,15 @@ def noise_temperature_rows(
             for cell, config in configs.items():
                 kind, small = _cell_noise(config)
                 step = 0 if point == "init" else config.epochs * (len(y) // config.batch_size)
+                multiplier = temperature.lr_multiplier_for_rule(
+                    config.lr_scaling, config.batch_size, config.base_batch_size
+                )
                 result = noise_temperature.noise_temperatures(
                     gradients,
                     batch_size=config.batch_size,
                     small_batch_size=small,
                     learning_rate=config.base_learning_rate,
-                    lr_multiplier=temperature.lr_multiplier_for_rule(
-                        config.lr_scaling, config.batch_size, config.base_batch_size
-                    ),
+                    lr_multiplier=multiplier,
                     kinds=(kind,),
                     alpha=config.noise_alpha,
                     gamma=config.noise_gamma,
@@ -356,9 +356,9 @@ def noise_temperature_rows(
                         "point": point,
                         "ratio": result.ratio,
                         "ratio_standard_error": result.ratio_standard_error,
-                        "predicted_ratio": result.predicted
-                        * result.temperature
-                        / result.trace
+                        "predicted_ratio": config.base_learning_rate
+                        * multiplier
+                        * result.predicted
                         / result.target,
                     }
                 )

@@ -33,13 +33,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras import distribute, replica_xla
+from noisy_keras import config, distribute, replica_xla
 from noisy_keras.bench import harness, workloads
 from noisy_keras.bench.engine import ENGINE_DEVICES, measure_engine
 from noisy_keras.optimizer import NoisyOptimizer
 
 PRECISION = "mixed_float16"
-REGISTRY = ("mlp", "cnn", "cnn1d", "cnn1d_bn", "resnet20", "resnet50")
+REGISTRY = config.MODEL_NAMES
 PER_REPLICA_BATCH = {
     "mlp": 256, "cnn": 256, "cnn1d": 256, "cnn1d_bn": 256, "resnet20": 128, "resnet50": 64
 }  # fmt: skip
