@@ -5,143 +5,117 @@ mini-batch gradient, sigma_t^2 = alpha / (1 + t)^gamma (Jaiswal & Taura,
 "Overcoming Generalization Gap in Large Mini-Batch Training of Deep Neural
 Networks"), with the methods it builds on and the tools to measure the effect.
 
-Importing the package is cheap: the public names below are imported from their
-modules on first use (PEP 562), so the command lines print their help without
-loading TensorFlow. The package's Keras-serializable classes are registered as
-soon as Keras is imported, in whichever order the two imports come, so a
-`model.keras` written by a run loads after `import noisy_keras` alone.
+`import noisy_keras` imports Keras (and TensorFlow) and the public names below,
+each from the module that defines it; the Keras-serializable classes register
+themselves there (`keras.saving.register_keras_serializable`), so a `.keras`
+file written with them loads with `keras.models.load_model` once
+`noisy_keras` is imported, in whichever order the two imports come.
+
+The package needs Keras' TensorFlow backend: under another one the import
+raises ImportError saying so. When the package is imported by one of its own
+command lines (`python -m noisy_keras.train`, `noisy-keras-train`, ...),
+TensorFlow's C++ start-up lines are silenced (`noisy_keras._cli`), a wrong
+backend ends the process with a one-line error and exit status 2, and a help
+request (`--help`) imports neither Keras nor the API: it needs only the flags.
 """
 
-import importlib
-import importlib.abc
+import os
 import sys
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    # public name: module of the package that defines it
-    "GhostBatchNormalization": "layers",
-    "LARS": "lars",
-    "MatchedNoiseOptimizer": "matched_noise",
-    "NoisyOptimizer": "optimizer",
-    "PAPER_ALPHA": "noise",
-    "PAPER_GAMMA": "noise",
-    "SmoothedSparseCategoricalCrossentropy": "losses",
-    "WarmupStepDecay": "lr",
-    "build_model": "models",
-    "current_noise_stddev": "optimizer",
-    "enable_multiplicative_noise": "multiplicative",
-    "find_noisy_optimizer": "optimizer",
-    "noise_stddev": "noise",
-    "noise_variance": "noise",
-    "paper_schedule": "lr",
-    "scale_learning_rate": "lr",
-    "temperature_deficit": "temperature",
-    "unit_noise": "noise",
-}
-"""Public names, each imported from its module on first access. Add new ones here."""
-
-_KERAS_REGISTRANTS = ("layers", "lr", "models", "optimizer", "lars", "matched_noise", "losses")
-"""Modules whose import registers Keras-serializable classes; imported right after Keras."""
-
-__all__ = sorted(_EXPORTS)
-
-_backend_error = None  # set when Keras runs another backend than TensorFlow
+_COMMAND_LINE_SCRIPTS = ("noisy-keras-train", "noisy-keras-experiments", "noisy-keras-bench")
 
 
-def _check_backend() -> None:
-    if _backend_error is not None:
-        raise ImportError(_backend_error)
+def _started_as_command_line() -> bool:
+    """Whether this import is the start of one of the package's command lines.
+
+    While `python -m noisy_keras.X` locates its module, Python imports the
+    parent package with `sys.argv[0] == "-m"` (documented in "Command line and
+    environment"); the console scripts carry their own names.
+    """
+    first = sys.argv[0] if getattr(sys, "argv", None) else ""
+    return first == "-m" or os.path.basename(first) in _COMMAND_LINE_SCRIPTS
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        try:
-            return importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. `lr`
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _refuse(message: str, cause: BaseException | None = None) -> None:
+    if _started_as_command_line():  # nothing has been read or written yet
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ImportError(message) from cause
+
+
+def _import_keras_with_tensorflow() -> None:
+    """Imports Keras (quietly for the command lines); refuses any backend but TensorFlow."""
+    advice = "noisy_keras needs the TensorFlow backend of Keras 3; KERAS_BACKEND is"
     try:
-        defining_module = importlib.import_module(f"{__name__}.{module}")
-    except Exception:
-        _check_backend()  # a wrong Keras backend explains the failure best
-        raise
-    _check_backend()
-    value = getattr(defining_module, name)
-    globals()[name] = value
-    return value
+        if _started_as_command_line():
+            from noisy_keras import _cli
 
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-def _register_keras_classes() -> None:
-    """Imports the modules that register Keras classes (Keras is imported by now)."""
-    global _backend_error
-    import keras
-
+            _cli.quiet_tensorflow()
+        import keras
+    except ImportError as error:
+        requested = os.environ.get("KERAS_BACKEND", "tensorflow")
+        if requested == "tensorflow":
+            raise
+        _refuse(
+            f"{advice} {requested!r}, which Keras could not load ({error}). "
+            "Set KERAS_BACKEND=tensorflow.",
+            error,
+        )
     backend = keras.backend.backend()
     if backend != "tensorflow":
-        # Keras itself must keep working; noisy_keras refuses when it is used.
-        _backend_error = (
-            "noisy_keras needs the TensorFlow backend of Keras 3; KERAS_BACKEND is "
-            f"{backend!r}. Set KERAS_BACKEND=tensorflow."
-        )
-        return
-    for module in _KERAS_REGISTRANTS:
-        importlib.import_module(f"{__name__}.{module}")
+        _refuse(f"{advice} {backend!r}. Set KERAS_BACKEND=tensorflow.")
 
 
-class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
-    """A one-shot import hook: when `keras` is imported, register our classes right after.
+def _help_requested() -> bool:
+    """A command line asked only for its help, which needs neither Keras nor TensorFlow."""
+    from noisy_keras import _cli
 
-    It finds nothing itself. For `keras` it takes itself off `sys.meta_path`,
-    asks the remaining finders for the real spec and wraps its loader so that
-    `_register_keras_classes` runs once Keras' own module has executed.
-    """
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "keras":
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find else None
-            if spec is not None:
-                break
-        if spec is None or spec.loader is None:
-            sys.meta_path.insert(0, self)  # not importable now; try again next time
-            return spec
-        spec.loader = _LoaderThenRegister(spec.loader, self)
-        return spec
+    return _started_as_command_line() and _cli.help_requested(sys.argv)
 
 
-class _LoaderThenRegister(importlib.abc.Loader):
-    def __init__(self, loader, finder):
-        self._loader = loader
-        self._finder = finder
+if not _help_requested():
+    _import_keras_with_tensorflow()
+    # The public API, imported from the modules that define it.
+    from noisy_keras.lars import LARS
+    from noisy_keras.layers import GhostBatchNormalization
+    from noisy_keras.losses import SmoothedSparseCategoricalCrossentropy
+    from noisy_keras.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
+    from noisy_keras.matched_noise import MatchedNoiseOptimizer
+    from noisy_keras.models import build_model
+    from noisy_keras.multiplicative import enable_multiplicative_noise
+    from noisy_keras.noise import (
+        PAPER_ALPHA,
+        PAPER_GAMMA,
+        noise_stddev,
+        noise_variance,
+        unit_noise,
+    )
+    from noisy_keras.optimizer import (
+        NoisyOptimizer,
+        current_noise_stddev,
+        find_noisy_optimizer,
+    )
+    from noisy_keras.temperature import temperature_deficit
 
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        try:
-            self._loader.exec_module(module)
-        except BaseException:
-            sys.meta_path.insert(0, self._finder)  # keras failed to import; register next time
-            raise
-        _register_keras_classes()
-
-
-if "keras" in sys.modules:
-    _register_keras_classes()
-else:
-    sys.meta_path.insert(0, _RegisterAfterKeras())
+__all__ = [
+    "GhostBatchNormalization",
+    "LARS",
+    "MatchedNoiseOptimizer",
+    "NoisyOptimizer",
+    "PAPER_ALPHA",
+    "PAPER_GAMMA",
+    "SmoothedSparseCategoricalCrossentropy",
+    "WarmupStepDecay",
+    "build_model",
+    "current_noise_stddev",
+    "enable_multiplicative_noise",
+    "find_noisy_optimizer",
+    "noise_stddev",
+    "noise_variance",
+    "paper_schedule",
+    "scale_learning_rate",
+    "temperature_deficit",
+    "unit_noise",
+]

@@ -10,6 +10,11 @@ nor signal handling.
   file descriptor 2 pointed at /dev/null, and TF_CPP_MIN_LOG_LEVEL=3 (unless set)
   silences the rest. Python exceptions still propagate; Python's stderr works
   as usual afterwards. `NOISY_KERAS_TF_LOGS=1` turns all of it off.
+* `run_app(main, program)`: `absl.app.run` with `--help` (also `-h`, `-?`,
+  `--helpshort`) and `--helpfull` printing to stdout and exiting 0, as a help
+  request should (absl's own help flags exit 1), and every `--flagfile=` and
+  `--recipe=` expanded by `noisy_keras.flagfile.expand_argv` (includes relative
+  to the including file, recipes by name) before absl parses the flags.
 * `sigint_at_batch_boundaries()` + `interrupt_callback`: the first Ctrl-C
   (SIGINT) only sets a flag while training, and the callback raises
   KeyboardInterrupt at the end of the current batch, so no checkpoint or
@@ -31,11 +36,60 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "TF_LOGS_ENV",
     "interrupt_callback",
+    "help_requested",
+    "parse_flags",
+    "run_app",
     "defer_interrupts",
     "quiet_tensorflow",
     "sigint_at_batch_boundaries",
     "tensorflow_logs_wanted",
 ]
+
+
+SHORT_HELP = ("-h", "-help", "--help", "-?", "--helpshort", "-helpshort")
+FULL_HELP = ("--helpfull", "-helpfull")
+
+
+def _flag_arguments(argv) -> list[str]:
+    arguments = list(argv[1:])
+    return arguments[: arguments.index("--")] if "--" in arguments else arguments
+
+
+def help_requested(argv) -> bool:
+    """Whether a command line (`argv`, the program first) asks for its help."""
+    return any(a in SHORT_HELP or a in FULL_HELP for a in _flag_arguments(argv))
+
+
+def parse_flags(argv: list[str], program: str) -> list[str]:
+    """absl's flag parsing for `app.run`: help on stdout with exit 0, flagfiles expanded.
+
+    Arguments after a bare `--` are not flags and are not looked at. A flagfile or
+    recipe that cannot be found ends the program with one line and exit status 2.
+    """
+    from absl import app
+
+    from noisy_keras import flagfile
+
+    for argument in _flag_arguments(argv):
+        if argument in SHORT_HELP or argument in FULL_HELP:
+            app.usage(shorthelp=argument in SHORT_HELP, writeto_stdout=True)
+            if argument in SHORT_HELP:
+                print("\nTry --helpfull to get a list of all flags.")
+            sys.stdout.flush()
+            raise SystemExit(0)
+    try:
+        argv = flagfile.expand_argv(argv)
+    except flagfile.FlagfileError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return app.parse_flags_with_usage(argv)
+
+
+def run_app(main, program: str) -> None:
+    """`absl.app.run(main)` with `parse_flags` (help exits 0, flagfiles expanded)."""
+    from absl import app
+
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, program))
 
 
 def tensorflow_logs_wanted() -> bool:

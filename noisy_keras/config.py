@@ -163,8 +163,8 @@ class TrainConfig:
 
 
 FIELD_HELP = {
-    "dataset": "digits, mnist1d, tfds:NAME or folder:PATH.",
-    "model": "mlp, cnn, cnn1d, resnet20 or resnet50.",
+    "dataset": f"{', '.join(DATASET_NAMES)}, tfds:NAME or folder:PATH.",
+    "model": f"{', '.join(MODEL_NAMES[:-1])} or {MODEL_NAMES[-1]}.",
     "optimizer": "Inner optimizer.",
     "momentum": "Momentum of momentum/nesterov/rmsprop.",
     "weight_decay": "Keras' decoupled weight decay (0 = off).",
@@ -190,7 +190,10 @@ FIELD_HELP = {
     "augment": "Light image augmentation (random crop, flip).",
     "deterministic": "TensorFlow op determinism (auto: on unless XLA is on).",
     "data_dir": "TFDS data directory ('' = TFDS default).",
-    "verbose": "0 silent, 1 progress bar, 2 one line per epoch.",
+    "verbose": (
+        "0 silent, 1 progress bar (one line per epoch when output is redirected), 2 one "
+        "line per epoch."
+    ),
     "noise": (
         "Gradient noise kind. white: the paper's N(0, alpha/(1+t)^gamma I) (--noise_alpha, "
         "--noise_gamma; --noise_alpha=0 is none); none; matched: white noise of trace "
@@ -268,24 +271,23 @@ def validate_config(config: TrainConfig) -> TrainConfig:
 
 
 def read_flagfile(path: str) -> dict:
-    """The `--name=value` lines of an absl flagfile (comments and blank lines skipped).
+    """`{name: value}` of an absl flagfile's `--name=value` lines, its includes followed.
+
+    Comments and blank lines are skipped; `--flagfile=X` lines are expanded in
+    place (`noisy_keras.flagfile.flag_lines`), later values overriding earlier.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is neither a comment nor `--name=value`.
+        FileNotFoundError: no such file (or include).
+        ValueError: a line that is neither a comment nor `--name=value`; an include cycle.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"flagfile {path!r} does not exist.")
+    from noisy_keras import flagfile
+
     values = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if not line.startswith("--") or "=" not in line:
-                raise ValueError(f"{path}:{number}: expected '--name=value', received {line!r}.")
-            key, value = line[2:].split("=", 1)
-            values[key] = value
+    for source, number, line in flagfile.flag_entries(path):
+        if not line.startswith("--") or "=" not in line:
+            raise ValueError(f"{source}:{number}: expected '--name=value', received {line!r}.")
+        key, value = line[2:].split("=", 1)
+        values[key] = value
     return values
 
 

@@ -4,11 +4,13 @@
 frozen `noisy_keras.data.ClassificationData`, whose methods make the `tf.data`
 pipelines. Names:
 
-* ``digits`` (default): scikit-learn's bundled handwritten digits (1,797 real
-  8x8 scans, offline), as 8x8x1 images, split stratified 3:1 into
-  train/validation from `seed` like the paper.
+* ``digits`` (default): the UCI handwritten digits (1,797 real 8x8 scans; the
+  copy scikit-learn ships, here shipped inside the package as
+  ``noisy_keras/_data/digits.npz``, CC BY 4.0, see the README there), as 8x8x1
+  images, split stratified 3:1 into train/validation from `seed` like the paper.
 * ``mnist1d``: MNIST-1D (Greydanus 2020), generated procedurally by the
-  `mnist1d` package with its published settings (no download): 4,000 train and
+  `mnist1d` package (the ``[study]`` extra) with its published settings (no
+  download): 4,000 train and
   1,000 test 40-long signals, shape (40, 1). Its own test split is the
   validation split here; `val_fraction` and `seed` do not change it.
 * ``tfds:NAME`` (``tfds:cifar10``, ``tfds:caltech101``, ...): any TFDS image
@@ -40,6 +42,7 @@ function of (seed, epoch).
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import numbers
 import os
 import random
@@ -47,7 +50,7 @@ import random
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras import config, data, streaming, tfds_data
+from noisy_keras import _extras, config, data, streaming, tfds_data
 from noisy_keras._validation import check_int
 from noisy_keras.data import ClassificationData
 from noisy_keras.preprocessing import DEFAULT_IMAGE_SIZE, resize_uint8
@@ -129,12 +132,21 @@ def load_dataset(
     )
 
 
-def _load_digits(seed: int, val_fraction: float) -> ClassificationData:
-    from sklearn.datasets import load_digits
+DIGITS_FILE = "digits.npz"
+"""The digits in `noisy_keras/_data`: `images` uint8 (1797, 8, 8) in 0..16, `target` uint8."""
 
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int32")
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped digits, in their original order: images (1797, 8, 8) and labels, uint8."""
+    resource = importlib.resources.files("noisy_keras").joinpath("_data", DIGITS_FILE)
+    with resource.open("rb") as file, np.load(file) as arrays:
+        return arrays["images"], arrays["target"]
+
+
+def _load_digits(seed: int, val_fraction: float) -> ClassificationData:
+    images, target = digits_arrays()
+    x = (images / 16.0).astype("float32")[..., None]
+    y = target.astype("int32")
     return data.from_split(
         "digits",
         x,
@@ -150,7 +162,8 @@ def _load_digits(seed: int, val_fraction: float) -> ClassificationData:
 
 @functools.lru_cache(maxsize=1)
 def _mnist1d_arrays() -> tuple[np.ndarray, ...]:
-    from mnist1d.data import get_dataset_args, make_dataset
+    mnist1d_data = _extras.require("mnist1d.data", "dataset='mnist1d'")
+    get_dataset_args, make_dataset = mnist1d_data.get_dataset_args, mnist1d_data.make_dataset
 
     # make_dataset seeds NumPy's and Python's global generators; restore them.
     numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002

@@ -37,8 +37,9 @@ import time
 
 from absl import app, flags
 
-from noisy_keras import _cli, reports
+from noisy_keras import _cli, _extras, reports
 from noisy_keras import config as config_lib
+from noisy_keras import flagfile as flagfile_lib
 from noisy_keras import train as train_lib
 from noisy_keras import workdir as workdir_lib
 from noisy_keras.grid import (  # noqa: F401  (re-exported: the runner's names before the split)
@@ -47,9 +48,7 @@ from noisy_keras.grid import (  # noqa: F401  (re-exported: the runner's names b
     Noise,
     cell_config,
     grid_cells,
-    packaged_flagfiles,
     parse_noise,
-    resolve_flagfile,
     run_dir,
     same_updates_changes,
 )
@@ -174,7 +173,7 @@ def define_flags() -> None:
         "flagfiles",
         list(DEFAULT_FLAGFILES),
         "Base flagfiles, one per recipe: paths, or names of the recipes shipped with the "
-        f"package ({', '.join(packaged_flagfiles())}).",
+        f"package ({', '.join(flagfile_lib.recipes())}).",
     )
     flags.DEFINE_list("batch_sizes", ["32", "128", "512", "1024"], "Global batch sizes.")
     flags.DEFINE_list("alphas", ["0", "1e-5", "1e-4", "1e-3"], "Noise alphas (0 = none).")
@@ -248,7 +247,9 @@ def _run_from_flags(FLAGS) -> int:
         if FLAGS.seeds < 1:
             raise ValueError(f"--seeds must be >= 1; received {FLAGS.seeds}.")
         for name in FLAGS.flagfiles:
-            config_lib.read_flagfile(resolve_flagfile(name))
+            config_lib.read_flagfile(flagfile_lib.resolve(name))
+        for module in ("scipy", "matplotlib"):  # the tables and figures, checked before any run
+            _extras.require(module, "noisy_keras.experiments", extra="study")
         _cli.quiet_tensorflow()
         rows = run_grid(
             out=FLAGS.out,
@@ -263,7 +264,7 @@ def _run_from_flags(FLAGS) -> int:
             reference=FLAGS.reference,
             noise_temperature_at=FLAGS.noise_temperature_at,
         )
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError, _extras.MissingExtraError) as error:
         print(f"noisy_keras.experiments: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -280,7 +281,7 @@ def _run_from_flags(FLAGS) -> int:
 def run() -> None:
     """Console-script entry point (`noisy-keras-experiments`)."""
     define_flags()
-    app.run(main)
+    _cli.run_app(main, "noisy_keras.experiments")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A grid's cells: base flagfile x batch size x noise, and each run's config and directory.
 
 A cell is (flagfile, batch size, noise). A flagfile is a path, or the bare name
-of a recipe shipped with the package (`packaged_flagfiles()`, the files of the
-repository's flags/), which resolves from any working directory. The noise of
+of a recipe shipped with the package (`noisy_keras.flagfile.recipes()`, the
+files of the repository's flags/), which resolves from any working directory. The noise of
 a cell is a noise kind of the main job (`--noise`): `none`, `white:ALPHA`,
 `matched:b`, `multiplicative:b` (b the small batch whose noise the kind
 restores). Run directories are `OUT/runs/<cell>/seed<k>`, with cells named
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
-import importlib.resources
 import itertools
 import os
 
 from noisy_keras import config as config_lib
+from noisy_keras import flagfile as flagfile_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,48 +132,6 @@ class Cell:
 DEFAULT_FLAGFILES = ("repro_digits.flags", "repro_mnist1d.flags")
 
 
-def packaged_flagfiles() -> dict[str, str]:
-    """The recipes shipped with the package: {file name: path}.
-
-    From a source checkout (`flags/` next to the package) the repository's
-    files; from an installed package, the copies installed as
-    `noisy_keras.flagfiles`.
-    """
-    checkout = os.path.join(os.path.dirname(os.path.dirname(__file__)), "flags")
-    if os.path.isfile(os.path.join(checkout, "__init__.py")):
-        directory = checkout
-    else:
-        directory = str(importlib.resources.files("noisy_keras.flagfiles"))
-    return {
-        name: os.path.join(directory, name)
-        for name in sorted(os.listdir(directory))
-        if name.endswith(".flags")
-    }
-
-
-def resolve_flagfile(name_or_path: str) -> str:
-    """A flagfile path: `name_or_path` itself if it is a file, else the packaged recipe.
-
-    Args:
-        name_or_path: a path, or the bare name of a packaged recipe
-            (e.g. "repro_digits.flags"; the ".flags" may be left out).
-
-    Raises:
-        FileNotFoundError: neither a file nor a packaged recipe, naming the recipes.
-    """
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    recipes = packaged_flagfiles()
-    if os.path.basename(name_or_path) == name_or_path:
-        for candidate in (name_or_path, f"{name_or_path}.flags"):
-            if candidate in recipes:
-                return recipes[candidate]
-    raise FileNotFoundError(
-        f"flagfile {name_or_path!r} is neither a file nor a recipe shipped with the package; "
-        f"recipes: {', '.join(recipes)}."
-    )
-
-
 def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
     """The grid's cells in a fixed order: flagfile, then batch size, then noise.
 
@@ -185,7 +143,7 @@ def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
     kinds = [Noise("white", alpha=float(a)) for a in alphas]
     kinds += [n if isinstance(n, Noise) else parse_noise(n) for n in noises]
     return [
-        Cell.of(resolve_flagfile(f), int(b), k)
+        Cell.of(flagfile_lib.resolve(f), int(b), k)
         for f, b, k in itertools.product(flagfiles, batch_sizes, kinds)
     ]
 

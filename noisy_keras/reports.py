@@ -22,6 +22,7 @@ import glob
 import math
 import os
 
+from noisy_keras import _extras
 from noisy_keras import config as config_lib
 from noisy_keras import grid as grid_lib
 from noisy_keras import workdir as workdir_lib
@@ -201,8 +202,7 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
             curves, path, title=f"{base}: {what}, B={largest}, mean over seeds, 95% CI"
         )
         written.append(path)
-    import matplotlib.pyplot as plt
-
+    plt = _extras.require("matplotlib.pyplot", "noisy_keras.reports")
     plt.close("all")
     return written
 

@@ -90,10 +90,16 @@ def _download_and_prepare(builder, name: str, data_dir: str | None) -> None:
     of network is reported as such. The test connects to the host of the
     dataset's first file (or `TFDS_PROBE_ADDRESS`), and is skipped behind a proxy.
 
+    A dataset TFDS cannot download (ImageNet: `MANUAL_DOWNLOAD_INSTRUCTIONS`)
+    whose files are not in TFDS' manual directory is refused with TFDS' own
+    instructions, in one line.
+
     Raises:
         ConnectionError: the dataset is not prepared and cannot be downloaded.
+        FileNotFoundError: the dataset is not prepared and needs a manual download.
     """
     where = f"data_dir={data_dir!r}" if data_dir else "TFDS' default data_dir"
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
 
     def refuse(reason: str) -> ConnectionError:
         return ConnectionError(
@@ -108,6 +114,14 @@ def _download_and_prepare(builder, name: str, data_dir: str | None) -> None:
             raise refuse(reason)
     try:
         builder.download_and_prepare()
+    except AssertionError as error:  # TFDS asserts that the manual directory has the files
+        if not manual or builder.is_prepared():
+            raise
+        tfds_says = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise FileNotFoundError(
+            f"dataset {name!r} is not prepared in {where} ({builder.data_dir}) and needs a "
+            f"manual download; TFDS says: {tfds_says}"
+        ) from error
     except OSError as error:  # requests' ConnectionError is an OSError
         if builder.is_prepared():
             raise

@@ -1,7 +1,7 @@
 r"""Trains one model from flags and writes everything it did to a run directory.
 
     python -m noisy_keras.train                      # digits, small CNN, B=128, noise on
-    python -m noisy_keras.train --flagfile=flags/digits_b1024_noise.flags
+    python -m noisy_keras.train --recipe=digits_b1024_noise --epochs=2   # a shipped recipe
     noisy-keras-train --dataset=mnist1d --model=cnn1d --batch_size=1024 --noise_alpha=0
     noisy-keras-train --batch_size=512 --lr_scaling=none --noise=matched --noise_batch_size=32
 
@@ -24,8 +24,9 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from noisy_keras import _cli
+from noisy_keras import _cli, _extras
 from noisy_keras import config as config_lib
+from noisy_keras import flagfile as flagfile_lib
 from noisy_keras import workdir as workdir_lib
 from noisy_keras.config import TrainConfig
 
@@ -77,6 +78,18 @@ def define_flags() -> None:
         else:
             check = predicate
         flags.register_validator(name, check, message=f"--{name} {allowed}.")
+    recipes = flagfile_lib.recipe_names()
+    flags.DEFINE_string(
+        "recipe",
+        "",
+        "A recipe shipped with the package, by name: its flags, then the flags given after "
+        f"it (which override them). Recipes: {', '.join(recipes)}.",
+    )
+    flags.register_validator(
+        "recipe",
+        lambda name: name == "" or name in recipes,
+        message=f"--recipe must be one of the shipped recipes: {', '.join(recipes)}.",
+    )
     flags.DEFINE_string("workdir", "", "Run directory ('' = runs/<dataset>-<model>-b..-a..-s..).")
     flags.DEFINE_bool(
         "overwrite",
@@ -156,6 +169,8 @@ def train(
             (e.g. --deterministic=true with XLA for a model with max pooling);
             nothing was created or deleted.
         ConnectionError: a TFDS dataset that is not prepared cannot be downloaded.
+        noisy_keras._extras.MissingExtraError: the dataset needs an extra that is not
+            installed (mnist1d: `pip install "noisy_keras[study]"`); nothing was created.
         KeyboardInterrupt: interrupted; status "interrupted", checkpoints kept.
     """
     config = config_lib.validate_config(config)
@@ -169,6 +184,21 @@ def train(
     strategy, policy = resolve_device_policy(config)
     with run_settings(policy):
         return _run(config, workdir, plan, strategy, policy, log)
+
+
+def progress_verbosity(verbose: int, stream=None) -> int:
+    """The `verbose` to give Keras: its progress bar (1) only where it can redraw itself.
+
+    Keras redraws the bar with backspaces and carriage returns wherever it runs
+    on a POSIX system; in a file or a pipe those pile up. So 1 stays 1 on a
+    terminal and in a notebook (IPython kernel) and becomes 2 (one plain line
+    per epoch) when `stream` (default: sys.stdout) is redirected; 0 and 2 stay.
+    """
+    stream = sys.stdout if stream is None else stream
+    if verbose != 1 or "ipykernel" in sys.modules:
+        return verbose
+    isatty = getattr(stream, "isatty", None)
+    return 1 if isatty is not None and isatty() else 2
 
 
 def resolve_device_policy(config: TrainConfig):
@@ -238,7 +268,8 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
 
     from noisy_keras import recipe, training
 
-    if config.verbose >= 2:  # one line per epoch: the device policy heads it
+    verbose = progress_verbosity(config.verbose)
+    if verbose >= 2:  # one line per epoch: the device policy heads it
         log(
             f"noisy_keras.train: {policy['replicas']} replica(s), XLA "
             f"{'on' if policy['xla'] else 'off'} (--xla={config.xla}), op determinism "
@@ -304,9 +335,9 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
                 strategy=strategy,
                 xla=policy["xla"],
                 accumulation_steps=config.accumulation_steps,
-                verbose=config.verbose,
+                verbose=verbose,
             )
-        return _report(config, workdir, result, dataset, eval_batch_size, policy)
+        return _report(config, workdir, result, dataset, eval_batch_size, policy, log)
     except KeyboardInterrupt:
         completed = _epochs_in_checkpoint(workdir)
         workdir_lib.write_status(
@@ -327,12 +358,11 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
         raise
 
 
-def _report(config, workdir, result, dataset, batch_size, policy) -> dict:
+def _report(config, workdir, result, dataset, batch_size, policy, log) -> dict:
     """After training: evaluates each whole split, saves the model, plots, writes the summary."""
     metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     rows = workdir_lib.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     summary = {"workdir": workdir, "status": result.status, "message": result.message}
-    summary["device_policy"] = policy
     summary["device_policy"] = policy
     if result.status == "done":
         model = result.model
@@ -356,13 +386,16 @@ def _report(config, workdir, result, dataset, batch_size, policy) -> dict:
             )
     summary["wall_time_s"] = rows[-1]["wall_time_s"] if rows else 0.0
     if rows:
-        from noisy_keras.analysis import plots
-
-        plots.plot_accuracy_curves(
-            {f"B={config.batch_size}": rows},
-            os.path.join(workdir, workdir_lib.PLOT_FILE),
-            title=run_title(config),
-        )
+        try:
+            from noisy_keras.analysis import plots
+        except _extras.MissingExtraError as error:  # the core install: no figure, say why
+            log(f"noisy_keras.train: no {workdir_lib.PLOT_FILE}: {error}")
+        else:
+            plots.plot_accuracy_curves(
+                {f"B={config.batch_size}": rows},
+                os.path.join(workdir, workdir_lib.PLOT_FILE),
+                title=run_title(config),
+            )
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     return summary
 
@@ -428,7 +461,7 @@ def main(argv) -> int:
             if workdir_lib.check_workdir(workdir, config, FLAGS.overwrite).action != "done":
                 _cli.quiet_tensorflow()
             summary = train(config, workdir, overwrite=FLAGS.overwrite)
-        except (ValueError, FileNotFoundError, ConnectionError) as error:
+        except (ValueError, FileNotFoundError, ConnectionError, _extras.MissingExtraError) as error:
             print(f"noisy_keras.train: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -447,7 +480,7 @@ def main(argv) -> int:
 def run() -> None:
     """Console-script entry point (`noisy-keras-train`)."""
     define_flags()
-    app.run(main)
+    _cli.run_app(main, "noisy_keras.train")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def _sorted_rows(x):
     return flat[np.lexsort(flat.T[::-1])]
 
 
+def test_the_shipped_digits_equal_scikit_learns_copy_in_its_order():
+    images, target = datasets.digits_arrays()
+    full = load_digits()
+    assert (images.dtype, target.dtype, images.shape) == (np.uint8, np.uint8, (1797, 8, 8))
+    np.testing.assert_array_equal(images, full.images)
+    np.testing.assert_array_equal(target, full.target)
+
+
 def test_digits_split_is_stratified_3_to_1_and_covers_every_example(digits):
     full = load_digits()
     assert (digits.input_shape, digits.num_classes) == ((8, 8, 1), 10)

@@ -21,7 +21,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import tensorflow_datasets as tfds  # noqa: E402
 
 from noisy_keras import config as config_lib  # noqa: E402
-from noisy_keras import datasets, experiments, tfds_data  # noqa: E402
+from noisy_keras import datasets, experiments, flagfile, tfds_data  # noqa: E402
 from noisy_keras import train as train_lib  # noqa: E402
 from noisy_keras import workdir as workdir_lib  # noqa: E402
 
@@ -121,23 +121,58 @@ def test_an_unprepared_tfds_dataset_fails_within_seconds_without_network(tmp_pat
     assert not workdir.exists()  # refused before the run directory was made
 
 
-def test_packaged_recipes_resolve_from_any_directory(tmp_path):
+def test_packaged_recipes_and_their_includes_resolve_from_any_directory(tmp_path):
     previous = os.getcwd()
     os.chdir(tmp_path)
     try:
-        path = experiments.resolve_flagfile("repro_digits.flags")
-        same = experiments.resolve_flagfile("repro_digits")
+        path = flagfile.resolve("repro_digits.flags")
+        same = flagfile.resolve("repro_digits")
+        # digits_b1024_noise includes repro_digits by name: found beside it, not in the cwd.
+        values = config_lib.read_flagfile(flagfile.resolve("digits_b1024_noise"))
     finally:
         os.chdir(previous)
     assert path == same and os.path.isabs(path) and os.path.isfile(path)
     assert config_lib.read_flagfile(path)["dataset"] == "digits"
-    assert set(experiments.DEFAULT_FLAGFILES) <= set(experiments.packaged_flagfiles())
+    assert (values["dataset"], values["batch_size"], values["noise_alpha"]) == (
+        "digits",
+        "1024",
+        "1e-05",
+    )
+    assert set(experiments.DEFAULT_FLAGFILES) <= set(flagfile.recipes())
     try:
-        experiments.resolve_flagfile("no_such_recipe.flags")
+        flagfile.resolve("no_such_recipe.flags")
     except FileNotFoundError as error:
-        assert "recipes: caltech101_resnet50_b128.flags" in str(error), str(error)
+        assert "recipes: caltech101_resnet50_b128, " in str(error), str(error)
     else:
         raise AssertionError("an unknown recipe was accepted")
+
+
+def test_every_public_name_imports_first_in_a_fresh_interpreter(tmp_path):
+    """`from noisy_keras import X` as the first line of a new script, for each X in __all__."""
+    import subprocess
+
+    import noisy_keras
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", f"from noisy_keras import {name}; print('imported')"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in noisy_keras.__all__
+    }
+    failures = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        if process.returncode != 0 or stdout.strip() != "imported":
+            failures[name] = stderr.strip().splitlines()[-1:] or stdout
+    assert not failures, failures
+    assert len(noisy_keras.__all__) == len(set(noisy_keras.__all__)) == 18
 
 
 def test_the_notebooks_install_cell_keeps_colabs_tensorflow(tmp_path):
@@ -152,6 +187,8 @@ def test_the_notebooks_install_cell_keeps_colabs_tensorflow(tmp_path):
         install = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
         pip_line = next(line for line in install.splitlines() if "%pip install" in line)
         assert pip_line.endswith("{keep}"), (notebook.name, pip_line)
+        # The notebooks plot and run grids: the package with every extra.
+        assert '"noisy_keras[all] @ git+https://' in pip_line, (notebook.name, pip_line)
         assert "keep = f\"tensorflow=={version('tensorflow')} keras=={version('keras')}\"" in (
             install
         ), notebook.name

@@ -50,7 +50,7 @@ def test_imagenet_flagfile_header_and_recipe(path):
     for heading in ("# Run:", "# Data:", "# Needs:", "# Precision:", "# Expect:"):
         assert heading in text, heading
     assert "Not run by this project" in text
-    assert f"--flagfile=flags/{os.path.basename(path)}" in text
+    assert f"--recipe={os.path.basename(path)[: -len('.flags')]}" in text
     values = config_lib.read_flagfile(path)
     config = config_lib.config_from_strings(values)
     batch = int(os.path.basename(path).split("_b")[1].split("_")[0].split(".")[0])

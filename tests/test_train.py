@@ -265,6 +265,55 @@ def test_a_crash_ends_in_status_failed_and_a_rerun_finishes(tmp_path, monkeypatc
     ]
 
 
+def test_the_progress_bar_is_kept_for_terminals_only():
+    class Stream:
+        def __init__(self, tty):
+            self.isatty = lambda: tty
+
+    assert [train_lib.progress_verbosity(v, Stream(True)) for v in (0, 1, 2)] == [0, 1, 2]
+    assert [train_lib.progress_verbosity(v, Stream(False)) for v in (0, 1, 2)] == [0, 2, 2]
+    assert train_lib.progress_verbosity(1, object()) == 2  # no isatty at all: not a terminal
+
+
+@pytest.mark.parametrize("argument", ["--help", "-h", "--helpfull"])
+def test_help_exits_0_and_lists_every_model_and_dataset(tmp_path, argument):
+    shown = _run_cli([argument], tmp_path, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    model_help = re.search(r"--model: (.*)", shown.stdout).group(1)
+    # Every model the validator accepts, cnn1d_bn included, and nothing else.
+    listed = re.split(r", | or ", model_help.rstrip("."))
+    assert sorted(listed) == sorted(config_lib.MODEL_NAMES) and "cnn1d_bn" in listed
+    assert all(name in shown.stdout for name in config_lib.DATASET_NAMES)
+    assert ("Try --helpfull" in shown.stdout) == (argument != "--helpfull")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_main_job_refuses_another_keras_backend_before_writing(tmp_path):
+    env = {**_cli_env(), "KERAS_BACKEND": "jax"}
+    command = [sys.executable, "-m", "noisy_keras.train", "--epochs=1"]
+    refused = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    # One line: the library's message (Keras could not load jax here, or jax is not TensorFlow).
+    assert refused.stderr.startswith(
+        "error: noisy_keras needs the TensorFlow backend of Keras 3; KERAS_BACKEND is 'jax'"
+    ), refused.stderr[-2000:]
+    assert refused.stderr.strip().endswith("Set KERAS_BACKEND=tensorflow.")
+    assert len(refused.stderr.strip().splitlines()) == 1 and refused.stdout == ""
+    assert os.listdir(tmp_path) == []  # nothing written
+    library = subprocess.run(
+        [sys.executable, "-c", "import noisy_keras"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert library.returncode == 1
+    assert "ImportError: noisy_keras needs the TensorFlow backend of Keras 3" in library.stderr
+
+
 def _cli_env():
     env = {
         k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", _cli.TF_LOGS_ENV)
@@ -286,12 +335,17 @@ def _run_cli(args, cwd, timeout=600):
 
 
 def test_cli_runs_quietly_leaves_a_finished_run_alone_refuses_and_overwrites(tmp_path):
-    argv = ["--workdir=run", *(f"--{k}={v}" for k, v in TINY.items()), "--epochs=1", "--verbose=2"]
+    # The default --verbose=1 (TINY's verbose=0 is left out), output to a pipe.
+    settings = {k: v for k, v in TINY.items() if k != "verbose"}
+    argv = ["--workdir=run", *(f"--{k}={v}" for k, v in settings.items()), "--epochs=1"]
     first = _run_cli(argv, tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     assert not CPP_LOG_LINE.search(first.stderr + first.stdout), first.stderr[-2000:]
+    # Redirected, the progress bar becomes plain lines: no carriage returns, backspaces or
+    # terminal escape codes; the device policy, Keras' line for the epoch, one final line.
+    for control in ("\r", "\b", "\x1b"):
+        assert control not in first.stdout + first.stderr, repr(control)
     lines = first.stdout.strip().splitlines()
-    # --verbose=2: the device policy, Keras' line for the epoch (10 steps), one final line.
     assert len(lines) == 3, lines
     assert lines[0] == (
         "noisy_keras.train: 1 replica(s), XLA off (--xla=auto), op determinism on "

@@ -198,7 +198,7 @@ def test_help_imports_neither_tensorflow_nor_keras(module):
         env=env,
         timeout=120,
     )
-    assert completed.returncode == 1, completed.stderr[-2000:]  # absl's exit code for --help
+    assert completed.returncode == 0, completed.stderr[-2000:]
     assert "flags:" in completed.stdout
     imported = {line.split("|")[-1].strip() for line in completed.stderr.splitlines()}
     heavy = sorted(m for m in imported if m.split(".")[0] in ("tensorflow", "keras"))

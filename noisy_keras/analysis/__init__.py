@@ -14,6 +14,12 @@
 * `plots`: accuracy curves, parametric plot, noise comparison, gap vs batch size.
 """
 
+from noisy_keras import _extras
+
+# The [analysis] extra: checked here, so any part of the package names it when missing.
+for _module in ("matplotlib", "scipy"):
+    _extras.require(_module, "noisy_keras.analysis")
+
 from noisy_keras.analysis.gradient_noise import (
     MinibatchVariance,
     NoiseScaleEstimate,

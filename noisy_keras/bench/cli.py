@@ -176,4 +176,4 @@ def main(argv) -> int:
 def run() -> None:
     """Console-script entry point (`noisy-keras-bench`)."""
     define_flags()
-    app.run(main)
+    _cli.run_app(main, "noisy_keras.bench")
