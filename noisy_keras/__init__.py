@@ -35,7 +35,8 @@ def _started_as_command_line() -> bool:
     environment"); the console scripts carry their own names.
     """
     first = sys.argv[0] if getattr(sys, "argv", None) else ""
-    return first == "-m" or os.path.basename(first) in _COMMAND_LINE_SCRIPTS
+    script = os.path.splitext(os.path.basename(first))[0]  # noisy-keras-train(.exe)
+    return first == "-m" or script in _COMMAND_LINE_SCRIPTS
 
 
 def _refuse(message: str, cause: BaseException | None = None) -> None:
