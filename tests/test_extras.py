@@ -78,17 +78,26 @@ def test_mnist1d_without_its_extra_is_refused_in_one_line_before_anything_is_wri
     datasets._mnist1d_arrays.cache_clear()
 
 
-def test_the_main_job_says_which_extra_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "blocked, program, flags, feature, extra",
+    [
+        ("mnist1d", "train", "'--dataset=mnist1d', '--model=cnn1d'", "dataset='mnist1d'", "study"),
+        ("scipy", "experiments", "'--out=out', '--seeds=1'", "noisy_keras.experiments", "study"),
+    ],
+)
+def test_a_command_line_names_the_missing_extra_in_one_line_before_writing(
+    tmp_path, blocked, program, flags, feature, extra
+):
     code = (
-        "import sys; sys.modules['mnist1d'] = None; "
-        "sys.argv = ['noisy-keras-train', '--dataset=mnist1d', '--model=cnn1d']; "
-        "from noisy_keras.train import run; run()"
+        f"import sys; sys.modules[{blocked!r}] = None; "
+        f"sys.argv = ['noisy-keras-{program}', {flags}]; "
+        f"from noisy_keras.{program} import run; run()"
     )
     refused = _python(code, tmp_path)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr == (
-        "noisy_keras.train: error: dataset='mnist1d' needs mnist1d, which is not installed: "
-        'pip install "noisy_keras[study]"\n'
+        f"noisy_keras.{program}: error: {feature} needs {blocked}, which is not installed: "
+        f'pip install "noisy_keras[{extra}]"\n'
     )
     assert os.listdir(tmp_path) == []
 
@@ -122,18 +131,3 @@ def test_the_package_imports_without_any_extra_and_analysis_names_its_extra(tmp_
         "noisy_keras._extras.MissingExtraError: noisy_keras.analysis needs matplotlib, "
         'which is not installed: pip install "noisy_keras[analysis]"'
     )
-
-
-def test_the_experiment_runner_names_its_extra_before_any_run(tmp_path):
-    code = (
-        "import sys; sys.modules['scipy'] = None; "
-        "sys.argv = ['noisy-keras-experiments', '--out=out', '--seeds=1']; "
-        "from noisy_keras.experiments import run; run()"
-    )
-    refused = _python(code, tmp_path)
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    assert refused.stderr == (
-        "noisy_keras.experiments: error: noisy_keras.experiments needs scipy, which is not "
-        'installed: pip install "noisy_keras[study]"\n'
-    )
-    assert os.listdir(tmp_path) == []
