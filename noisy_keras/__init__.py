@@ -14,7 +14,7 @@ file written with them loads with `keras.models.load_model` once
 The package needs Keras' TensorFlow backend: under another one the import
 raises ImportError saying so. When the package is imported by one of its own
 command lines (`python -m noisy_keras.train`, `noisy-keras-train`, ...),
-TensorFlow's C++ start-up lines are silenced (`noisy_keras._cli`), a wrong
+TensorFlow's C++ start-up lines are silenced (`noisy_keras.run._cli`), a wrong
 backend ends the process with a one-line error and exit status 2, and a help
 request (`--help`) imports neither Keras nor the API: it needs only the flags.
 """
@@ -51,7 +51,7 @@ def _import_keras_with_tensorflow() -> None:
     advice = "noisy_keras needs the TensorFlow backend of Keras 3; KERAS_BACKEND is"
     try:
         if _started_as_command_line():
-            from noisy_keras import _cli
+            from noisy_keras.run import _cli
 
             _cli.quiet_tensorflow()
         import keras
@@ -71,7 +71,7 @@ def _import_keras_with_tensorflow() -> None:
 
 def _help_requested() -> bool:
     """A command line asked only for its help, which needs neither Keras nor TensorFlow."""
-    from noisy_keras import _cli
+    from noisy_keras.run import _cli
 
     return _started_as_command_line() and _cli.help_requested(sys.argv)
 
@@ -79,26 +79,21 @@ def _help_requested() -> bool:
 if not _help_requested():
     _import_keras_with_tensorflow()
     # The public API, imported from the modules that define it.
-    from noisy_keras.lars import LARS
-    from noisy_keras.layers import GhostBatchNormalization
-    from noisy_keras.losses import SmoothedSparseCategoricalCrossentropy
-    from noisy_keras.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
-    from noisy_keras.matched_noise import MatchedNoiseOptimizer
-    from noisy_keras.models import build_model
-    from noisy_keras.multiplicative import enable_multiplicative_noise
-    from noisy_keras.noise import (
-        PAPER_ALPHA,
-        PAPER_GAMMA,
-        noise_stddev,
-        noise_variance,
-        unit_noise,
-    )
-    from noisy_keras.optimizer import (
+    from noisy_keras.models.layers import GhostBatchNormalization
+    from noisy_keras.models.losses import SmoothedSparseCategoricalCrossentropy
+    from noisy_keras.models.zoo import build_model
+    from noisy_keras.noise.draw import unit_noise
+    from noisy_keras.noise.matched import MatchedNoiseOptimizer
+    from noisy_keras.noise.multiplicative import enable_multiplicative_noise
+    from noisy_keras.noise.optimizer import (
         NoisyOptimizer,
         current_noise_stddev,
         find_noisy_optimizer,
     )
-    from noisy_keras.temperature import temperature_deficit
+    from noisy_keras.noise.schedules import PAPER_ALPHA, PAPER_GAMMA, noise_stddev, noise_variance
+    from noisy_keras.noise.temperature import temperature_deficit
+    from noisy_keras.optim.lars import LARS
+    from noisy_keras.optim.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
 
 __all__ = [
     "GhostBatchNormalization",

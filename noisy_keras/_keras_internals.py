@@ -76,7 +76,7 @@ def missing_symbols() -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Keras' TensorFlow trainer (used by noisy_keras.replica_xla)
+# Keras' TensorFlow trainer (used by noisy_keras.engine.steps)
 # ---------------------------------------------------------------------------
 
 
@@ -178,7 +178,7 @@ def seed_generator_states(model: keras.Model) -> list:
 
 
 # ---------------------------------------------------------------------------
-# Keras' optimizers (used by noisy_keras.optimizer)
+# Keras' optimizers (used by noisy_keras.noise.optimizer)
 # ---------------------------------------------------------------------------
 
 

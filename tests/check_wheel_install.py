@@ -82,8 +82,8 @@ def check_the_environment_holds_the_core_only() -> None:
 
 def _expected(recipe: str) -> tuple[int, str]:
     """(exit status, what the output must hold) for a recipe's first step on the core."""
-    from noisy_keras import config as config_lib
-    from noisy_keras import flagfile
+    from noisy_keras.run import config as config_lib
+    from noisy_keras.run import flagfile
 
     dataset = config_lib.read_flagfile(flagfile.resolve(recipe)).get("dataset", "digits")
     if dataset == "digits":
@@ -132,7 +132,7 @@ def _first_step(recipe: str, root: str) -> str | None:
 
 
 def check_every_recipe_takes_its_first_step_from_an_empty_directory() -> None:
-    from noisy_keras import flagfile
+    from noisy_keras.run import flagfile
 
     recipes = flagfile.recipe_names()
     assert len(recipes) >= 20, recipes

@@ -11,7 +11,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
 
-from noisy_keras import distribute  # noqa: E402
+from noisy_keras.engine import distribute  # noqa: E402
 
 distribute.configure_logical_cpus(2)
 
@@ -41,7 +41,7 @@ def flag_values():
     """The main job's absl flags, defined once, parsed per test and reset after."""
     from absl import flags
 
-    from noisy_keras import train
+    from noisy_keras.run import train
 
     train.define_flags()
     yield flags.FLAGS

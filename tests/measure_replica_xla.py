@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from noisy_keras import distribute  # noqa: E402
+from noisy_keras.engine import distribute  # noqa: E402
 
 distribute.configure_logical_cpus(2)
 
@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from noisy_keras import replica_xla  # noqa: E402
+from noisy_keras.engine import steps as replica_xla  # noqa: E402
 
 
 def _model(kind):

@@ -139,7 +139,7 @@ def test_gpu_check_sees_replicas_that_differ():
     import numpy as np
 
     from noisy_keras.bench import gpu_check
-    from noisy_keras.distribute import make_strategy
+    from noisy_keras.engine.distribute import make_strategy
 
     with make_strategy("mirrored", 2).scope():
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

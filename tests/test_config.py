@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from noisy_keras import config as config_lib
-from noisy_keras.config import TrainConfig
+from noisy_keras.run import config as config_lib
+from noisy_keras.run.config import TrainConfig
 
 BAD_VALUES = [
     ("noise_alpha", -1.0, r"noise_alpha must be >= 0; received noise_alpha=-1.0"),
@@ -57,7 +57,10 @@ def test_every_field_has_help_and_a_rule():
 
 
 def test_the_name_tuples_match_the_registries():
-    from noisy_keras import distribute, lr, models, recipe
+    from noisy_keras.engine import distribute
+    from noisy_keras.models import zoo as models
+    from noisy_keras.optim import lr
+    from noisy_keras.run import recipe
 
     assert tuple(models._BUILDERS) == config_lib.MODEL_NAMES
     assert tuple(recipe.OPTIMIZER_BUILDERS) == config_lib.OPTIMIZER_NAMES
@@ -68,13 +71,13 @@ def test_the_name_tuples_match_the_registries():
 def test_config_module_imports_neither_tensorflow_nor_keras():
     # The package __init__ imports Keras: stand an empty package in for it, so only the
     # config modules (config, config_rules, _validation, flagfile) run.
-    package_dir = os.path.dirname(config_lib.__file__)
+    package_dir = os.path.dirname(os.path.dirname(config_lib.__file__))  # noisy_keras/
     recipe = os.path.join(os.path.dirname(package_dir), "flags", "digits_b32.flags")
     code = (
         "import sys, types; "
         "package = types.ModuleType('noisy_keras'); "
         f"package.__path__ = [{package_dir!r}]; sys.modules['noisy_keras'] = package; "
-        "import noisy_keras.config as c; "
+        "import noisy_keras.run.config as c; "
         f"assert c.read_flagfile({recipe!r})['dataset'] == 'digits'; "
         "print(sorted(k for k in ('tensorflow', 'keras') if k in sys.modules))"
     )

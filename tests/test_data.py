@@ -10,7 +10,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from noisy_keras import data, datasets, tfds_data
+from noisy_keras.data import datasets
+from noisy_keras.data import pipeline as data
+from noisy_keras.data import tfds as tfds_data
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from noisy_keras import distribute
+from noisy_keras.engine import distribute
 
 
 def test_default_is_one_replica():
@@ -54,7 +54,7 @@ def test_mirrored_more_cpus_than_configured_after_initialisation():
 def test_mirrored_splits_the_cpu_in_a_fresh_process():
     # Nothing initialises TensorFlow's devices before make_strategy does the split.
     code = (
-        "from noisy_keras.distribute import make_strategy; "
+        "from noisy_keras.engine.distribute import make_strategy; "
         "print(make_strategy('mirrored', 3).num_replicas_in_sync)"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from noisy_keras import config as config_lib
-from noisy_keras import experiments, grid, reports
-from noisy_keras import train as train_lib
 from noisy_keras.analysis import plots
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import train as train_lib
+from noisy_keras.study import experiments, grid, reports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from noisy_keras import _extras, datasets
-from noisy_keras import config as config_lib
-from noisy_keras import train as train_lib
-from noisy_keras import workdir as workdir_lib
+from noisy_keras import _extras
+from noisy_keras.data import datasets
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,25 +80,26 @@ def test_mnist1d_without_its_extra_is_refused_in_one_line_before_anything_is_wri
 
 
 @pytest.mark.parametrize(
-    "blocked, program, flags, feature, extra",
+    "blocked, module, flags, feature",
     [
-        ("mnist1d", "train", "'--dataset=mnist1d', '--model=cnn1d'", "dataset='mnist1d'", "study"),
-        ("scipy", "experiments", "'--out=out', '--seeds=1'", "noisy_keras.experiments", "study"),
+        ("mnist1d", "run.train", "'--dataset=mnist1d', '--model=cnn1d'", "dataset='mnist1d'"),
+        ("scipy", "study.experiments", "'--out=out', '--seeds=1'", "noisy_keras.experiments"),
     ],
 )
 def test_a_command_line_names_the_missing_extra_in_one_line_before_writing(
-    tmp_path, blocked, program, flags, feature, extra
+    tmp_path, blocked, module, flags, feature
 ):
+    program = module.split(".")[1]  # train, experiments
     code = (
         f"import sys; sys.modules[{blocked!r}] = None; "
         f"sys.argv = ['noisy-keras-{program}', {flags}]; "
-        f"from noisy_keras.{program} import run; run()"
+        f"from noisy_keras.{module} import run; run()"
     )
     refused = _python(code, tmp_path)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr == (
         f"noisy_keras.{program}: error: {feature} needs {blocked}, which is not installed: "
-        f'pip install "noisy_keras[{extra}]"\n'
+        'pip install "noisy_keras[study]"\n'
     )
     assert os.listdir(tmp_path) == []
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from noisy_keras import config as config_lib
-from noisy_keras import flagfile
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import flagfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

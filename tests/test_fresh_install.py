@@ -20,10 +20,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from noisy_keras import config as config_lib  # noqa: E402
-from noisy_keras import datasets, experiments, flagfile, tfds_data  # noqa: E402
-from noisy_keras import train as train_lib  # noqa: E402
-from noisy_keras import workdir as workdir_lib  # noqa: E402
+from noisy_keras.data import datasets  # noqa: E402
+from noisy_keras.data import tfds as tfds_data
+from noisy_keras.run import config as config_lib  # noqa: E402
+from noisy_keras.run import flagfile
+from noisy_keras.run import rundir as workdir_lib  # noqa: E402
+from noisy_keras.run import train as train_lib  # noqa: E402
+from noisy_keras.study import experiments
 
 TINY_TRAIN, TINY_VALIDATION, TINY_CLASSES = 24, 9, 3
 

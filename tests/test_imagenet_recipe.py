@@ -15,9 +15,12 @@ from absl import flags
 from tfds_metadata import write_tfds_metadata
 
 import noisy_keras
-from noisy_keras import config as config_lib
-from noisy_keras import lars, losses, models, recipe
-from noisy_keras import train as train_lib
+from noisy_keras.models import losses
+from noisy_keras.models import zoo as models
+from noisy_keras.optim import lars
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import recipe
+from noisy_keras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "imagenet_resnet50_*.flags")))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras.distribute import make_strategy
-from noisy_keras.lars import LARS
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.engine.distribute import make_strategy
+from noisy_keras.noise.optimizer import NoisyOptimizer
+from noisy_keras.optim.lars import LARS
 
 SHAPES = [(3, 4), (4,), (2, 2, 2)]
 HYPER = dict(learning_rate=0.5, momentum=0.9, weight_decay_rate=0.1, eeta=0.01)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras.layers import GhostBatchNormalization
+from noisy_keras.models.layers import GhostBatchNormalization
 
 MOMENTUM = 0.9
 EPSILON = 1e-3

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import lr
+from noisy_keras.optim import lr
 
 
 @pytest.mark.parametrize(

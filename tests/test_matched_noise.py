@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from noisy_keras import unit_noise
 from noisy_keras.analysis import covariance_trace
-from noisy_keras.matched_noise import (
+from noisy_keras.noise.matched import (
     MatchedNoiseOptimizer,
     covariance_trace_estimate,
     matched_noise_variance,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras.layers import GhostBatchNormalization
-from noisy_keras.models import (
+from noisy_keras.models.layers import GhostBatchNormalization
+from noisy_keras.models.zoo import (
     MODEL_NAMES,
     MODELS_WITH_BATCH_NORM,
     MODELS_WITH_MAX_POOLING,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import noise
-from noisy_keras.multiplicative import (
+from noisy_keras.noise import draw
+from noisy_keras.noise.multiplicative import (
     WEIGHTS_KEY_SALT,
     MultiplicativeNoise,
     disable_multiplicative_noise,
@@ -30,11 +30,11 @@ ULP1 = 2.0**-23  # float32 spacing at 1
 @pytest.mark.parametrize("first_block", [0, 5, 2**32 - 3])  # the last crosses into hi(p)
 def test_philox_words_from_a_block_offset_agree_in_and_out_of_xla(first_block):
     key, step = 7 + (WEIGHTS_KEY_SALT << 32), tf.constant(11, tf.int64)
-    kernel = noise._philox_words(24, key, step, first_block=first_block).numpy()
-    loop = noise._philox_words_loop(24, key, step, first_block=first_block).numpy()
+    kernel = draw._philox_words(24, key, step, first_block=first_block).numpy()
+    loop = draw._philox_words_loop(24, key, step, first_block=first_block).numpy()
     np.testing.assert_array_equal(loop, kernel)
     if first_block < 100:
-        from_zero = noise._philox_words(4 * first_block + 24, key, step).numpy()
+        from_zero = draw._philox_words(4 * first_block + 24, key, step).numpy()
         np.testing.assert_array_equal(kernel, from_zero[4 * first_block :])
 
 
@@ -104,7 +104,7 @@ def test_weights_depend_on_seed_step_and_position_only():
     assert not np.any(a == example_weights(64, seed=6, step=2, variance=3.0).numpy())
     assert not np.any(a == example_weights(64, seed=5, step=3, variance=3.0).numpy())
     # The salted key never reproduces the white noise of the same seed and step.
-    white = noise.positional_standard_normal(64, 5, 2).numpy()
+    white = draw.positional_standard_normal(64, 5, 2).numpy()
     assert not np.any((a - 1) / np.sqrt(3.0) == white)
     np.testing.assert_array_equal(example_weights(7, seed=5, step=2, variance=0.0), np.ones(7))
 
@@ -348,7 +348,7 @@ def _ratio_model(loss):
 def test_under_the_engine_the_patched_loss_steps_aside():
     # The engine's core weights the examples itself (tests/test_noise_engine.py); the patched
     # compute_loss must then return the plain loss, or the weights would enter twice.
-    from noisy_keras.replica_xla import enable_replica_xla
+    from noisy_keras.engine.steps import enable_replica_xla
 
     x, y = _data(16)
     model = _linear_model(keras.optimizers.SGD(0.1))

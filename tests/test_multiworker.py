@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from noisy_keras import data
+from noisy_keras.data import pipeline as data
 
 WORKER = os.path.join(os.path.dirname(__file__), "training_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def _write_identity_folder(root, classes: int, per_class: int) -> None:
 def test_two_workers_read_disjoint_shards_of_a_streamed_folder(tmp_path):
     """Each worker reads only its replica's half of every global batch; together, every
     training image exactly once per epoch; the weights stay identical."""
-    from noisy_keras import datasets
+    from noisy_keras.data import datasets
 
     folder = tmp_path / "images"
     _write_identity_folder(folder, classes=4, per_class=12)  # 36 training images, 12 validation

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import data, replica_xla, training
-from noisy_keras.distribute import make_strategy
-from noisy_keras.matched_noise import MatchedNoiseOptimizer
-from noisy_keras.multiplicative import (
+from noisy_keras.data import pipeline as data
+from noisy_keras.engine import fit as training
+from noisy_keras.engine import steps as replica_xla
+from noisy_keras.engine.distribute import make_strategy
+from noisy_keras.noise.draw import unit_noise
+from noisy_keras.noise.matched import MatchedNoiseOptimizer
+from noisy_keras.noise.multiplicative import (
     disable_multiplicative_noise,
     enable_multiplicative_noise,
     example_weights,
 )
-from noisy_keras.noise import unit_noise
 
 B, SEED, SHAPES, D = 16, 5, [(3, 1), (1,)], 4
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (replicas R, accumulation steps k)

@@ -9,12 +9,13 @@ import keras
 import numpy as np
 import pytest
 
-from noisy_keras import config as config_lib
-from noisy_keras import experiments, models
-from noisy_keras import train as train_lib
-from noisy_keras import workdir as workdir_lib
-from noisy_keras.matched_noise import MatchedNoiseOptimizer
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.models import zoo as models
+from noisy_keras.noise.matched import MatchedNoiseOptimizer
+from noisy_keras.noise.optimizer import NoisyOptimizer
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run import train as train_lib
+from noisy_keras.study import experiments
 
 # One short epoch of the digits MLP (5 updates), at the small batch's learning rate.
 TINY = dict(model="mlp", batch_size=256, epochs=1, verbose=0, base_learning_rate=0.05)

@@ -553,7 +553,7 @@ def test_bad_inner_optimizer_is_named(inner, pattern):
 
 
 def test_noise_kinds_keep_the_clipping_through_their_config():
-    from noisy_keras.matched_noise import MatchedNoiseOptimizer
+    from noisy_keras.noise.matched import MatchedNoiseOptimizer
 
     optimizer = MatchedNoiseOptimizer(
         keras.optimizers.SGD(0.01, clipvalue=0.5), batch_size=512, small_batch_size=32, seed=1

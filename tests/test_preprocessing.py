@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import preprocessing
+from noisy_keras.data import preprocessing
 
 
 def _reference_window(height, width, key):

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import replica_xla, training
-from noisy_keras.distribute import make_strategy
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.engine import fit as training
+from noisy_keras.engine import steps as replica_xla
+from noisy_keras.engine.distribute import make_strategy
+from noisy_keras.noise.optimizer import NoisyOptimizer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -11,16 +11,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tfds_metadata import write_tfds_metadata
 
-from noisy_keras import (
-    _keras_internals,
-    data,
-    datasets,
-    distribute,
-    input_shards,
-    models,
-    streaming,
-    training,
-)
+from noisy_keras import _keras_internals
+from noisy_keras.data import datasets, streaming
+from noisy_keras.data import pipeline as data
+from noisy_keras.data import shards as input_shards
+from noisy_keras.engine import distribute
+from noisy_keras.engine import fit as training
+from noisy_keras.models import zoo as models
 
 
 @pytest.fixture(scope="module")
@@ -334,8 +331,8 @@ def test_tfds_streaming_needs_split_sizes(tmp_path):
 
 
 def test_streamed_folder_runs_in_the_main_job(image_folder, tmp_path):
-    from noisy_keras import config as config_lib
-    from noisy_keras import train as train_lib
+    from noisy_keras.run import config as config_lib
+    from noisy_keras.run import train as train_lib
 
     config = config_lib.TrainConfig(
         dataset=f"folder:{image_folder}",

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from noisy_keras import lr as lr_lib
-from noisy_keras.temperature import lr_multiplier_for_rule, temperature_deficit
+from noisy_keras.noise.temperature import lr_multiplier_for_rule, temperature_deficit
+from noisy_keras.optim import lr as lr_lib
 
 
 @pytest.mark.parametrize(

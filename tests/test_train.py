@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from absl import flags
 
-from noisy_keras import _cli, datasets, lr
-from noisy_keras import config as config_lib
-from noisy_keras import train as train_lib
-from noisy_keras import workdir as workdir_lib
-from noisy_keras.optimizer import NoisyOptimizer, current_noise_stddev
+from noisy_keras.data import datasets
+from noisy_keras.noise.optimizer import NoisyOptimizer, current_noise_stddev
+from noisy_keras.optim import lr
+from noisy_keras.run import _cli
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model="mlp", batch_size=128, epochs=2, verbose=0, base_learning_rate=0.05)

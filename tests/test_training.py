@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import checkpointing, data, replica_xla, training, workdir
-from noisy_keras.distribute import make_strategy
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.data import pipeline as data
+from noisy_keras.engine import checkpointing
+from noisy_keras.engine import fit as training
+from noisy_keras.engine import steps as replica_xla
+from noisy_keras.engine.distribute import make_strategy
+from noisy_keras.noise.optimizer import NoisyOptimizer
+from noisy_keras.run import rundir as workdir
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from noisy_keras import config as config_lib
-from noisy_keras import workdir as workdir_lib
-from noisy_keras.config import TrainConfig
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,13 +6,13 @@ Usage:
         [--folder PATH --preprocess resize|resnet --batch-size 12 --reads READS.json]
 
 It trains a small MLP (with Dropout, so RNG state is part of the run) on a
-fixed synthetic data set with `noisy_keras.training.fit`, under op
+fixed synthetic data set with `noisy_keras.engine.fit.fit`, under op
 determinism, and writes the final weights to `--out`. `--pause-at e,b`
 prints "PAUSED" after batch b of epoch e and sleeps, so that a test can kill
 it there with SIGKILL. Every finished batch prints "BATCH e b".
 
 With `--folder`, the data is that image folder streamed from disk
-(`noisy_keras.datasets.load_dataset(..., streaming="true")`, 8x8 images) and
+(`noisy_keras.data.datasets.load_dataset(..., streaming="true")`, 8x8 images) and
 the model a small MLP on them; `--reads` writes the example identities
 (pixel (0, 0): red + 256 x green, see tests/test_multiworker.py) that this
 worker's input pipeline yields in epoch 0, read through the same
@@ -32,8 +32,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from noisy_keras import data, datasets, distribute, training  # noqa: E402
-from noisy_keras.optimizer import NoisyOptimizer  # noqa: E402
+from noisy_keras.data import datasets
+from noisy_keras.data import pipeline as data  # noqa: E402
+from noisy_keras.engine import distribute
+from noisy_keras.engine import fit as training
+from noisy_keras.noise.optimizer import NoisyOptimizer  # noqa: E402
 
 
 class _Progress(keras.callbacks.Callback):

@@ -6,7 +6,7 @@ covariance eta^2 Sigma / B, and argue (Eq. 7) that a larger B therefore needs
 noise added back. Eq. 7 counts the noise per step at a fixed eta; under the
 linear scaling rule eta itself grows with B, and what sets SGD's exploration
 over many steps is the noise temperature eta tr(Cov(update direction)) (Mandt
-et al. 2017; Smith & Le 2018; `noisy_keras.temperature`). This module measures
+et al. 2017; Smith & Le 2018; `noisy_keras.noise.temperature`). This module measures
 it for each noise kind and for the small batch b it is meant to emulate:
 
     produced = eta_B E|u - g|^2,    u = the update direction at batch B:
@@ -56,9 +56,10 @@ import math
 
 import numpy as np
 
-from noisy_keras import matched_noise, multiplicative, noise, temperature
 from noisy_keras.analysis import _common
 from noisy_keras.analysis import gradient_noise as gradient_noise_lib
+from noisy_keras.noise import draw, multiplicative, schedules, temperature
+from noisy_keras.noise import matched as matched_noise
 
 NOISE_KINDS = ("none", "white", "matched", "multiplicative")
 
@@ -122,8 +123,8 @@ def noise_temperatures(
     learning_rate: float,
     lr_multiplier: float = 1.0,
     kinds=NOISE_KINDS,
-    alpha: float = noise.PAPER_ALPHA,
-    gamma: float = noise.PAPER_GAMMA,
+    alpha: float = schedules.PAPER_ALPHA,
+    gamma: float = schedules.PAPER_GAMMA,
     step: int = 0,
     num_draws: int = 400,
     replace: bool = False,
@@ -178,7 +179,7 @@ def noise_temperatures(
     batches = [rng.choice(count, batch_size, replace=replace) for _ in range(num_draws)]
 
     # One draw of everything each kind needs, row j for draw j (a function of the seed only).
-    units = noise.unit_noise([(num_draws, dim)], seed, 0)[0].numpy().astype(np.float64)
+    units = draw.unit_noise([(num_draws, dim)], seed, 0)[0].numpy().astype(np.float64)
     weights = multiplicative.example_weights(
         num_draws * batch_size, seed=seed, step=0, variance=deficit
     )
@@ -193,7 +194,7 @@ def noise_temperatures(
     def none(j):
         return distance(gradients[batches[j]].mean(axis=0))
 
-    white_std = float(noise.noise_stddev(step, alpha, gamma))
+    white_std = float(schedules.noise_stddev(step, alpha, gamma))
 
     def white(j):
         return distance(gradients[batches[j]].mean(axis=0) + white_std * unit(j))

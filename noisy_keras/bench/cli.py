@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from noisy_keras import _cli
 from noisy_keras.bench import harness, report
+from noisy_keras.run import _cli
 
 PART_MODULES = {
     "noise": "noise_overhead",
@@ -148,8 +148,8 @@ def main(argv) -> int:
     if "engine" in parts or "gpu_check" in parts:
         import tensorflow as tf
 
-        from noisy_keras import distribute
         from noisy_keras.bench.engine import ENGINE_DEVICES
+        from noisy_keras.engine import distribute
 
         if not tf.config.list_physical_devices("GPU"):
             distribute.configure_logical_cpus(ENGINE_DEVICES)

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from noisy_keras import distribute, replica_xla
 from noisy_keras.bench import harness, workloads
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.engine import distribute
+from noisy_keras.engine import steps as replica_xla
+from noisy_keras.noise.optimizer import NoisyOptimizer
 
 ENGINE_DEVICES = 2
 """Logical CPU devices the engine part splits the CPU into when there is no GPU."""

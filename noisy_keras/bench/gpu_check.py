@@ -33,10 +33,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras import config, distribute, replica_xla
 from noisy_keras.bench import harness, workloads
 from noisy_keras.bench.engine import ENGINE_DEVICES, measure_engine
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.engine import distribute
+from noisy_keras.engine import steps as replica_xla
+from noisy_keras.noise.optimizer import NoisyOptimizer
+from noisy_keras.run import config
 
 PRECISION = "mixed_float16"
 REGISTRY = config.MODEL_NAMES

@@ -1,7 +1,7 @@
 """Benchmark part "input": is a run input-bound, and does its memory grow with the dataset?
 
 * Input throughput: images/s of the streamed folder pipeline
-  (`noisy_keras.streaming`: read, decode, preprocess, batch) on generated
+  (`noisy_keras.data.streaming`: read, decode, preprocess, batch) on generated
   JPEGs of ImageNet-like size, with one thread (the figure per core) and with
   every core, next to the training step rate of the model the images feed.
   A run is input-bound when the model's images/s exceeds what the input
@@ -22,8 +22,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras import datasets, models
 from noisy_keras.bench import harness, workloads
+from noisy_keras.data import datasets
+from noisy_keras.models import zoo as models
 
 # Typical ImageNet photo: 500 x 375 pixels, about 110 KB as JPEG.
 PHOTO_SHAPE = (375, 500)
@@ -137,7 +138,7 @@ def _main_job_command(root: str, image_size: int, streaming: str, batch_size: in
         "from noisy_keras.bench import harness\n"
         "atexit.register(lambda: print(harness.peak_rss_bytes(), flush=True))\n"
         f"sys.argv = {argv!r}\n"
-        "from noisy_keras import train\n"
+        "from noisy_keras.run import train\n"
         "train.run()\n"
     )
     return [sys.executable, "-c", code]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from noisy_keras.bench import harness, workloads
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.noise.optimizer import NoisyOptimizer
 
 
 def memory_workload(*, model: str, batch_size: int, steps: int, noisy: bool) -> None:

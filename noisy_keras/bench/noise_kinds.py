@@ -24,11 +24,11 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from noisy_keras import replica_xla
 from noisy_keras.bench import harness, workloads
-from noisy_keras.matched_noise import MatchedNoiseOptimizer
-from noisy_keras.multiplicative import enable_multiplicative_noise
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.engine import steps as replica_xla
+from noisy_keras.noise.matched import MatchedNoiseOptimizer
+from noisy_keras.noise.multiplicative import enable_multiplicative_noise
+from noisy_keras.noise.optimizer import NoisyOptimizer
 
 KINDS = ("none", "white", "matched", "multiplicative")
 SMALL_BATCH = 32

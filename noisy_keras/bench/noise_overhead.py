@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from noisy_keras import noise
 from noisy_keras.bench import harness, workloads
-from noisy_keras.optimizer import NoisyOptimizer
+from noisy_keras.noise import draw
+from noisy_keras.noise.optimizer import NoisyOptimizer
 
 
 def measure_noise_overhead(
@@ -84,7 +84,7 @@ def measure_noise_floor(
     result is materialised, as in a step) and advances a step counter (so
     nothing is constant-folded), in alternating blocks:
 
-    * `unit_noise`: this package's draw, `noise.unit_noise(shapes, seed, t)`,
+    * `unit_noise`: this package's draw, `draw.unit_noise(shapes, seed, t)`,
       added to the variables (what NoisyOptimizer does per step, minus the
       gradient read);
     * `philox`: `tf.random.stateless_normal([P], alg="philox")`, the floor;
@@ -110,7 +110,7 @@ def measure_noise_floor(
 
     @compiled
     def unit_noise():
-        draws = noise.unit_noise(shapes, seed=0, step=step.assign_add(1))
+        draws = draw.unit_noise(shapes, seed=0, step=step.assign_add(1))
         for variable, z in zip(per_variable, draws):
             variable.assign_add(1e-3 * z)
         return step.read_value()

@@ -1,7 +1,7 @@
 """Benchmark part "time_to_accuracy": wall-clock time and steps to a validation accuracy.
 
 B=32 and a large batch with and without noise, several seeds, through the
-main job (`noisy_keras.train.train`).
+main job (`noisy_keras.run.train.train`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import os
 import tempfile
 from collections.abc import Sequence
 
-from noisy_keras import config as config_lib
-from noisy_keras import datasets, train
-from noisy_keras import workdir as workdir_lib
 from noisy_keras.bench import harness
+from noisy_keras.data import datasets
+from noisy_keras.run import config as config_lib
+from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ def measure_time_to_accuracy(
 ) -> dict:
     """Wall-clock time and steps until the validation accuracy first reaches the target.
 
-    Runs the main job (`noisy_keras.train.train`, the paper's recipe: SGD
+    Runs the main job (`noisy_keras.run.train.train`, the paper's recipe: SGD
     with momentum 0.9, learning rate 0.01 at B=32 scaled linearly, default
     step decay) for three configurations per seed: B=32 without noise, the
     large batch without noise, the large batch with noise (alpha, gamma =

@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras import datasets, models
+from noisy_keras.data import datasets
+from noisy_keras.models import zoo as models
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The model zoo, its layers (Ghost Batch Normalization) and losses."""

@@ -1,0 +1,1 @@
+"""The noise: schedule, draw, the NoisyOptimizer wrapper, the matched and multiplicative kinds."""

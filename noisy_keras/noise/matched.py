@@ -1,0 +1,438 @@
+"""Covariance-matched white noise: isotropic noise as large as the noise the batch lacks.
+
+Jaiswal & Taura (Section 3.3, Eq. 6) write g_B ~ N(g, Sigma / B). A large batch
+B at m times the small batch's learning rate lacks gradient noise of covariance
+s^2 Sigma / B, s^2 = max(0, (B/b)/m - 1) (`noisy_keras.noise.temperature`). This kind
+gives back its total size, not its shape: white noise n_t ~ N(0, sigma_t^2 I)
+over the d trainable parameters with the same trace,
+
+    d sigma_t^2 = s^2 tr(Sigma_t) / B,   sigma_t^2 = (tr(Sigma_t) / d) * s^2 / B,
+
+(at no scaling, tr(Sigma_t) / d * (1/b - 1/B)), where tr(Sigma_t) is measured
+during training instead of following the paper's fixed schedule
+alpha / (1 + t)^gamma.
+
+Estimating tr(Sigma). Let g_1, ..., g_G (G >= 2) be the mean gradients of G
+disjoint groups of n examples each (the micro-batches of one update, or the
+halves of a replica's batch), drawn i.i.d. from the data: E g_j = g and
+Cov g_j = Sigma / n. With g_bar their mean,
+
+    E sum_j |g_j - g_bar|^2 = sum_j E|g_j - g|^2 - G E|g_bar - g|^2
+                            = G tr(Sigma) / n - tr(Sigma) / n = (G - 1) tr(Sigma) / n,
+
+so tr(Sigma) ~= n / (G - 1) * sum_j |g_j - g_bar|^2 is unbiased (the sample
+variance of the group means, times n). For groups drawn without replacement
+from N examples, Cov g_j = Sigma (N - n) / (n (N - 1)) and Cov(g_j, g_k) =
+-Sigma / (N - 1), and the same estimate has mean tr(Sigma) N / (N - 1): unbiased
+for the 1/(N - 1)-normalized trace (`analysis.covariance_trace(unbiased=True)`).
+
+The optimizer keeps an exponential moving average of the estimates, observed
+once per update, with Adam's bias correction (Kingma & Ba 2015): after k
+observations x_1..x_k,
+
+    ema_k = decay ema_{k-1} + (1 - decay) x_k,  ema_0 = 0,
+    tr_hat = ema_k / (1 - decay^k),
+
+and no observation yet means tr_hat = 0: no noise.
+
+References:
+    S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
+    Mini-Batch Training of Deep Neural Networks" (Section 3.3, Eq. 5-7).
+    J. Wu, W. Hu, H. Xiong, J. Huan, V. Braverman and Z. Zhu, "On the Noisy
+    Gradient Descent that Generalizes as SGD", ICML 2020,
+    https://arxiv.org/abs/1906.07405.
+    S. McCandlish et al., "An Empirical Model of Large-Batch Training", 2018,
+    https://arxiv.org/abs/1812.06162 (Appendix A: the trace from gradients of
+    two batch sizes).
+    D. P. Kingma and J. Ba, "Adam: A Method for Stochastic Optimization", ICLR
+    2015 (Section 3: the bias correction).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from noisy_keras._validation import check_int
+from noisy_keras.noise import temperature
+from noisy_keras.noise.optimizer import NoisyOptimizer
+
+DEFAULT_EMA_DECAY = 0.99
+
+__all__ = [
+    "DEFAULT_EMA_DECAY",
+    "MatchedNoiseOptimizer",
+    "covariance_trace_estimate",
+    "matched_noise_variance",
+    "streaming_spread_update",
+    "two_group_trace_estimate",
+]
+
+
+def covariance_trace_estimate(group_gradients, group_size) -> tf.Tensor:
+    """tr(Sigma) ~= n / (G - 1) * sum_j |g_j - g_bar|^2 from G gradients of n-example groups.
+
+    Unbiased for the per-example gradient covariance (derivation in the module
+    docstring). Computed in two passes (mean first), in the gradients' dtype.
+
+    Args:
+        group_gradients: a sequence of G >= 2 gradients, each the mean-loss
+            gradient of one group of examples, all with the same structure (a
+            tensor, an array, or a list of them, one per variable; None entries
+            and `tf.IndexedSlices` are allowed).
+        group_size: n, examples per group (an integer >= 1 or a scalar tensor).
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+        >>> float(covariance_trace_estimate([[1.0, 0.0], [3.0, 0.0]], group_size=4))
+        8.0
+    """
+    if isinstance(group_gradients, (tf.Tensor, np.ndarray)) or len(group_gradients) < 2:
+        raise ValueError(
+            "group_gradients must be a sequence of G >= 2 gradients, one per group; received "
+            f"{group_gradients!r:.200}."
+        )
+    if not tf.is_tensor(group_size):
+        group_size = check_int("group_size", group_size, 1)
+    groups = []
+    for gradient in group_gradients:
+        leaves = [g for g in tf.nest.flatten(gradient) if g is not None]
+        groups.append([tf.convert_to_tensor(g) for g in leaves])
+    count = len(groups)
+    if any(len(g) != len(groups[0]) for g in groups) or not groups[0]:
+        raise ValueError(
+            "group_gradients must all have the same (non-empty) structure; received "
+            f"{[len(g) for g in groups]} tensors per group."
+        )
+    dtype = groups[0][0].dtype
+    squares = tf.zeros([], dtype)
+    for leaves in zip(*groups):
+        stacked = tf.stack([tf.cast(leaf, dtype) for leaf in leaves])
+        deviation = stacked - tf.reduce_mean(stacked, axis=0)
+        squares += tf.reduce_sum(tf.square(deviation))
+    return tf.cast(group_size, dtype) / float(count - 1) * squares
+
+
+def _leaves(gradient) -> list:
+    return [tf.convert_to_tensor(g) for g in tf.nest.flatten(gradient) if g is not None]
+
+
+def _flat_like(structure, reference: list) -> list:
+    flat = tf.nest.flatten(structure) if structure is not None else [None] * len(reference)
+    if len(flat) != len(reference):
+        raise ValueError(
+            f"previous_sum must have one entry per gradient ({len(reference)}); received "
+            f"{len(flat)}."
+        )
+    return flat
+
+
+def two_group_trace_estimate(first, second, first_size, second_size) -> tf.Tensor:
+    """tr(Sigma) ~= |g_1 - g_2|^2 / (1/n_1 + 1/n_2) from the gradients of two disjoint groups.
+
+    For groups of n_1 and n_2 examples drawn i.i.d. from the data,
+    Cov(g_1 - g_2) = Sigma (1/n_1 + 1/n_2), so the estimate is unbiased; with
+    n_1 = n_2 = n it is `covariance_trace_estimate([g_1, g_2], n)` =
+    n |g_1 - g_2|^2 / 2. The engine splits a replica's batch into halves this
+    way (an odd batch into n // 2 and n - n // 2). The sum of squares is taken
+    in the gradients' dtype.
+
+    Args:
+        first, second: the mean-loss gradients of the two groups, same structure
+            (a tensor or a list of tensors; None entries are skipped).
+        first_size, second_size: n_1, n_2 >= 1 (ints or scalar tensors).
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+        >>> float(two_group_trace_estimate([1.0, 0.0], [3.0, 0.0], 4, 4))
+        8.0
+    """
+    first, second = _leaves(first), _leaves(second)
+    if len(first) != len(second) or not first:
+        raise ValueError(
+            "first and second must have the same (non-empty) structure; received "
+            f"{len(first)} and {len(second)} tensors."
+        )
+    dtype = first[0].dtype
+    squares = tf.add_n(
+        [tf.reduce_sum(tf.square(a - tf.cast(b, dtype))) for a, b in zip(first, second)]
+    )
+    n_1, n_2 = tf.cast(first_size, dtype), tf.cast(second_size, dtype)
+    return squares * (n_1 * n_2 / (n_1 + n_2))
+
+
+def streaming_spread_update(spread, previous_sum, gradient, count: int) -> tf.Tensor:
+    """Welford's update of S_m = sum_{j<=m} |g_j - mean(g_0..g_m)|^2 by one more group.
+
+    With s = sum_{j<m} g_j the sum of the m groups seen so far (the engine's
+    accumulators), the mean before is a = s / m and after b = (s + g_m) / (m + 1),
+    and S_m = S_{m-1} + (g_m - a) . (g_m - b) = S_{m-1} + |m g_m - s|^2 / (m (m + 1))
+    (Welford 1962), so that after the last of G groups S_{G-1} = sum_j |g_j - g_bar|^2
+    and `covariance_trace_estimate` = n / (G - 1) S_{G-1}, with one scalar of state
+    and no copy of the earlier gradients; unlike sum |g_j|^2 - G |g_bar|^2 it does
+    not lose precision when the mean is large next to the spread. S_0 = 0.
+
+    Args:
+        spread: S_{m-1}, a scalar (ignored for m = 0).
+        previous_sum: s, the sum of the gradients of groups 0..m-1, one entry per
+            entry of `gradient` (ignored for m = 0 and where `gradient` is None).
+        gradient: g_m, a tensor or a list of tensors (None entries skipped).
+        count: m, the index of this group (a Python int >= 0).
+
+    Returns:
+        S_m as a scalar tensor.
+    """
+    count = check_int("count", count, 0)
+    gradients = tf.nest.flatten(gradient)
+    pairs = [
+        (tf.convert_to_tensor(g), s)
+        for g, s in zip(gradients, _flat_like(previous_sum, gradients))
+        if g is not None
+    ]
+    if not pairs:
+        raise ValueError("gradient must hold at least one tensor; received none.")
+    dtype = pairs[0][0].dtype
+    if count == 0:
+        return tf.zeros([], dtype)
+    # (g - a) . (g - b) = |m g - s|^2 / (m (m + 1)): one difference per variable.
+    squares = tf.add_n([tf.reduce_sum(tf.square(count * g - tf.cast(s, dtype))) for g, s in pairs])
+    return tf.cast(spread, dtype) + squares / float(count * (count + 1))
+
+
+def matched_noise_variance(covariance_trace, *, num_parameters: int, batch_size: int, deficit):
+    """sigma^2 = (tr(Sigma) / d) * s^2 / B: per-coordinate variance of the matched white noise.
+
+    Args:
+        covariance_trace: tr(Sigma), per-example gradient covariance trace (number
+            or tensor).
+        num_parameters: d, the number of parameters the noise is added to.
+        batch_size: B, examples per update.
+        deficit: s^2 (`temperature.temperature_deficit`).
+
+    Returns:
+        sigma^2, of the kind of `covariance_trace`.
+    """
+    num_parameters = check_int("num_parameters", num_parameters, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    return covariance_trace / num_parameters * deficit / batch_size
+
+
+def _check_ema_decay(ema_decay) -> float:
+    if (
+        isinstance(ema_decay, bool)
+        or not isinstance(ema_decay, numbers.Real)
+        or not math.isfinite(ema_decay)
+        or not 0.0 <= ema_decay < 1.0
+    ):
+        raise ValueError(
+            f"ema_decay must be a number in [0, 1) (0: no averaging); received "
+            f"ema_decay={ema_decay!r}."
+        )
+    return float(ema_decay)
+
+
+@keras.saving.register_keras_serializable(package="noisy_keras")
+class MatchedNoiseOptimizer(NoisyOptimizer):
+    """White noise with the trace of the gradient noise a large batch lacks.
+
+    At update t every gradient coordinate gets n_t ~ N(0, sigma_t^2),
+
+        sigma_t^2 = (tr_hat_t / d) * s^2 / B,   s^2 = max(0, (B/b)/m - 1),
+
+    with tr_hat_t the bias-corrected moving average of the estimates of
+    tr(Sigma) given to `observe_covariance_trace` (0 before the first: no noise),
+    d the number of parameters the noise reaches, B the batch of an update, b the
+    small batch whose noise temperature is the target and m the learning rate's
+    multiplier at B (see `noisy_keras.noise.matched` and `temperature`). All
+    else is `NoisyOptimizer`'s: the draw is `unit_noise(shapes, seed, t) *
+    sigma_t`, each replica adds it divided by R before the SUM all-reduce, once
+    per update. With s^2 = 0 nothing is added and updates are bit-identical to
+    the inner optimizer's.
+
+    The estimate comes from the training loop, which alone sees the gradients
+    of several groups of examples: call `observe_covariance_trace(estimate)`
+    once per update before `apply`, with the same value on every replica (e.g.
+    each replica's `covariance_trace_estimate`, all-reduced to their mean).
+    Keras' own `model.fit` does not, so `apply` refuses to add noise if it was
+    never called. The moving average lives in two optimizer variables
+    (`covariance_trace_ema` and `ema_decay_power`), saved and restored with
+    the optimizer; the inherited `alpha` and `gamma` are unused (0).
+
+    Args:
+        optimizer: the Keras optimizer to wrap (see `NoisyOptimizer`).
+        batch_size: B, examples per parameter update, an integer >= 1.
+        small_batch_size: b, an integer >= 1.
+        lr_multiplier: m = eta_B / eta_b, a finite number > 0 (1: no scaling).
+        seed: integer in [0, 2**31 - 1]; None draws one, stored in the config.
+        ema_decay: decay of the moving average of the trace estimates, in [0, 1).
+        name: optimizer name.
+
+    Example:
+        >>> optimizer = MatchedNoiseOptimizer(
+        ...     keras.optimizers.SGD(0.01, momentum=0.9), batch_size=512, small_batch_size=32,
+        ...     seed=1)
+        >>> optimizer.deficit
+        15.0
+    """
+
+    _ARGUMENT_NAMES = (
+        "optimizer",
+        "batch_size",
+        "small_batch_size",
+        "lr_multiplier",
+        "seed",
+        "ema_decay",
+        "name",
+    )
+
+    def __init__(
+        self,
+        optimizer,
+        *,
+        batch_size,
+        small_batch_size,
+        lr_multiplier=1.0,
+        seed=None,
+        ema_decay=DEFAULT_EMA_DECAY,
+        name=None,
+        **kwargs,
+    ):
+        schedule_arguments = sorted({"alpha", "gamma"} & set(kwargs))
+        if schedule_arguments:
+            raise ValueError(
+                f"MatchedNoiseOptimizer got unexpected argument(s) {schedule_arguments}; its "
+                "noise size comes from batch_size, small_batch_size and lr_multiplier. "
+                f"Allowed: {', '.join(self._ARGUMENT_NAMES)}."
+            )
+        deficit = temperature.temperature_deficit(batch_size, small_batch_size, lr_multiplier)
+        ema_decay = _check_ema_decay(ema_decay)
+        super().__init__(optimizer, alpha=0.0, gamma=0.0, seed=seed, name=name, **kwargs)
+        self.batch_size = int(batch_size)
+        self.small_batch_size = int(small_batch_size)
+        self.lr_multiplier = float(lr_multiplier)
+        self.ema_decay = ema_decay
+        self.deficit = deficit
+        # float32 constants of the moving average, as the tests recompute them.
+        self._decay = np.float32(ema_decay)
+        self._one_minus_decay = np.float32(1.0 - ema_decay)
+        self._num_parameters = None
+        self._variance_per_trace = None
+        self._observed = False
+
+    # ---- State --------------------------------------------------------------------
+
+    def build(self, var_list):
+        super().build(var_list)
+        self._num_parameters = sum(
+            int(np.prod(v.shape))
+            for v in var_list
+            if not getattr(v, "overwrite_with_gradient", False)
+        )
+        if self._num_parameters == 0 and self.adds_noise:
+            raise ValueError(
+                "MatchedNoiseOptimizer got no parameters to add noise to (d = 0); it needs "
+                "trainable variables."
+            )
+        # sigma_t^2 = tr_hat * s^2 / (B d): one float32 factor.
+        self._variance_per_trace = np.float32(
+            self.deficit / (self.batch_size * max(self._num_parameters, 1))
+        )
+        self._trace_ema = self.add_variable(
+            (), "zeros", "float32", aggregation="only_first_replica", name="covariance_trace_ema"
+        )
+        self._decay_power = self.add_variable(
+            (), "ones", "float32", aggregation="only_first_replica", name="ema_decay_power"
+        )
+
+    def _check_built(self, what: str) -> None:
+        if not self.built:
+            raise ValueError(
+                f"MatchedNoiseOptimizer.{what} needs the optimizer built; call "
+                "optimizer.build(model.trainable_variables) first."
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        """d, the number of parameters the noise reaches (known once built)."""
+        self._check_built("num_parameters")
+        return self._num_parameters
+
+    def observe_covariance_trace(self, estimate) -> None:
+        """Folds one estimate of tr(Sigma) into the moving average; call once per update.
+
+        ema <- decay * ema + (1 - decay) * estimate and decay_power <- decay_power *
+        decay, in float32. An estimate that is not finite or is negative (a step
+        whose gradients overflowed) leaves both unchanged, as such a step is
+        skipped.
+
+        Args:
+            estimate: a scalar (number or tensor), the same on every replica, e.g.
+                `covariance_trace_estimate` all-reduced to the replicas' mean.
+        """
+        self._check_built("observe_covariance_trace")
+        if isinstance(estimate, numbers.Real) and not (math.isfinite(estimate) and estimate >= 0):
+            raise ValueError(
+                f"estimate must be a finite number >= 0; received estimate={estimate!r}."
+            )
+        estimate = tf.cast(tf.convert_to_tensor(estimate), tf.float32)
+        if estimate.shape.rank not in (None, 0):
+            raise ValueError(f"estimate must be a scalar; received shape {estimate.shape}.")
+        self._observed = True
+        usable = tf.logical_and(tf.math.is_finite(estimate), estimate >= 0.0)
+        decay = tf.constant(self._decay, tf.float32)
+        one_minus_decay = tf.constant(self._one_minus_decay, tf.float32)
+        ema = tf.convert_to_tensor(self._trace_ema)
+        power = tf.convert_to_tensor(self._decay_power)
+        self._trace_ema.assign(tf.where(usable, decay * ema + one_minus_decay * estimate, ema))
+        self._decay_power.assign(tf.where(usable, power * decay, power))
+
+    @property
+    def covariance_trace(self):
+        """tr_hat, the bias-corrected moving average of the estimates (0 before any)."""
+        self._check_built("covariance_trace")
+        ema = tf.convert_to_tensor(self._trace_ema)
+        return tf.math.divide_no_nan(ema, 1.0 - tf.convert_to_tensor(self._decay_power))
+
+    # ---- The noise size -------------------------------------------------------------
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.deficit > 0
+
+    def _noise_stddev_at(self, step):
+        """sigma_t = sqrt(tr_hat * s^2 / (B d)); the same for every step until the next estimate."""
+        del step  # the size follows the observed trace, not a schedule
+        factor = tf.constant(self._variance_per_trace, tf.float32)
+        return tf.sqrt(tf.maximum(self.covariance_trace, 0.0) * factor)
+
+    def apply(self, grads, trainable_variables=None):
+        if self.adds_noise and not self._observed:
+            raise ValueError(
+                "MatchedNoiseOptimizer sets its noise from tr(Sigma) measured during training, "
+                "but observe_covariance_trace(estimate) was never called; call it once per "
+                "update before apply (noisy_keras' training engine does; Keras' model.fit "
+                "does not, and would train without noise)."
+            )
+        super().apply(grads, trainable_variables)
+
+    # ---- Serialization --------------------------------------------------------------
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "batch_size": self.batch_size,
+            "small_batch_size": self.small_batch_size,
+            "lr_multiplier": self.lr_multiplier,
+            "seed": self.seed,
+            "ema_decay": self.ema_decay,
+            **self.clipping,
+        }

@@ -1,0 +1,1 @@
+"""Learning-rate rules and optimizers for large batches (LARS)."""

@@ -1,0 +1,1 @@
+"""The main job: its configuration, recipe, run directory and command line."""

@@ -1,0 +1,221 @@
+"""What a run's configuration may hold: the names, each field's range, the rules between fields.
+
+`noisy_keras.run.config` builds and validates `TrainConfig` with these (and
+re-exports the names); this module holds the allowed values so that a new
+model, dataset or noise kind is added in one place. It imports neither
+TensorFlow nor Keras, nor `noisy_keras.run.config` (the rules take any object with
+the config's fields).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from noisy_keras.run.config import TrainConfig
+
+OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
+STRATEGY_NAMES = ("default", "mirrored", "multiworker")
+XLA_CHOICES = ("auto", "true", "false")
+DETERMINISM_CHOICES = ("auto", "true", "false")
+PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
+LR_SCALING_RULES = ("linear", "sqrt", "none")
+MODEL_NAMES = ("mlp", "cnn", "cnn1d", "cnn1d_bn", "resnet20", "resnet50")
+DATASET_NAMES = ("digits", "mnist1d")
+DATASET_PREFIXES = ("tfds:", "folder:")
+SEED_MAX = 2**31 - 1
+NOISE_KINDS = ("none", "white", "matched", "multiplicative")
+# Models with BatchNormalization (noisy_keras.models.zoo.MODELS_WITH_BATCH_NORM; a test keeps
+# the two equal): matched noise without accumulation would split their batches in halves.
+MODELS_WITH_BATCH_NORM = ("cnn1d_bn", "resnet20", "resnet50")
+# Data at scale and the ImageNet recipe.
+OPTIMIZER_NAMES = (*OPTIMIZER_NAMES, "lars")  # LARS (You et al. 2017) for batches of 8k-32k
+STREAMING_CHOICES = ("auto", "true", "false")
+PREPROCESSING_NAMES = ("resize", "resnet")
+MODELS_WITH_RESIDUAL_BN = ("resnet20", "resnet50")
+DEFAULT_LARS_EETA = 0.001
+
+
+# ---------------------------------------------------------------------------
+# Field checks: one table, used by validate_config and by the absl validators
+# ---------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_at_least(minimum: int) -> tuple[Callable, str]:
+    return (lambda v: _is_int(v) and v >= minimum), f"must be >= {minimum}"
+
+
+def _finite_at_least_zero() -> tuple[Callable, str]:
+    return (lambda v: _is_real(v) and math.isfinite(v) and v >= 0), "must be >= 0"
+
+
+def _one_of(names: tuple[str, ...]) -> tuple[Callable, str]:
+    return (lambda v: v in names), f"must be one of {', '.join(names)}"
+
+
+def _dataset_ok(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value in DATASET_NAMES:
+        return True
+    return any(value.startswith(p) and len(value) > len(p) for p in DATASET_PREFIXES)
+
+
+_FIELD_RULES: dict[str, tuple[Callable, str]] = {
+    "dataset": (_dataset_ok, "must be one of digits, mnist1d, tfds:NAME or folder:PATH"),
+    "model": _one_of(MODEL_NAMES),
+    "optimizer": _one_of(OPTIMIZER_NAMES),
+    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": _finite_at_least_zero(),
+    "batch_size": _int_at_least(1),
+    "base_batch_size": _int_at_least(1),
+    "base_learning_rate": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "lr_scaling": _one_of(LR_SCALING_RULES),
+    "warmup_epochs": _finite_at_least_zero(),
+    "lr_decay_factor": (lambda v: _is_real(v) and 0 < v <= 1, "must be in (0, 1]"),
+    "lr_decay_epochs": (
+        lambda v: isinstance(v, tuple) and all(_is_int(e) and e >= 1 for e in v),
+        "must be a comma-separated list of epochs >= 1",
+    ),
+    "lr_decay_every": _int_at_least(1),
+    "noise_alpha": _finite_at_least_zero(),
+    "noise_gamma": _finite_at_least_zero(),
+    "epochs": _int_at_least(1),
+    "seed": (lambda v: _is_int(v) and 0 <= v <= SEED_MAX, "must be in [0, 2**31 - 1]"),
+    "strategy": _one_of(STRATEGY_NAMES),
+    "num_devices": _int_at_least(0),
+    "xla": _one_of(XLA_CHOICES),
+    "accumulation_steps": _int_at_least(1),
+    "ghost_batch_size": _int_at_least(0),
+    "val_fraction": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
+    "image_size": _int_at_least(0),
+    "augment": (lambda v: isinstance(v, bool), "must be true or false"),
+    "deterministic": _one_of(DETERMINISM_CHOICES),
+    "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
+    "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
+    "noise": _one_of(NOISE_KINDS),
+    "noise_batch_size": _int_at_least(0),
+    # Data at scale and the ImageNet recipe.
+    "streaming": _one_of(STREAMING_CHOICES),
+    "preprocess": _one_of(PREPROCESSING_NAMES),
+    "updates_per_epoch": _int_at_least(0),
+    "label_smoothing": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay_exclude_bn_bias": (lambda v: isinstance(v, bool), "must be true or false"),
+    "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
+    "lars_eeta": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
+    # Mixed precision (multi-GPU with XLA)
+    "precision": _one_of(PRECISION_CHOICES),
+}
+
+
+def field_rule(name: str) -> tuple[Callable, str]:
+    """`(predicate, "must be ...")` of field `name` (for flag validators)."""
+    return _FIELD_RULES[name]
+
+
+def check_field(name: str, value) -> None:
+    """Raises ValueError unless `value` is allowed for field `name`.
+
+    Raises:
+        ValueError: "<name> must be ...; received <name>=<value>."
+    """
+    ok, allowed = _FIELD_RULES[name]
+    if not ok(value):
+        raise ValueError(f"{name} {allowed}; received {name}={value!r}.")
+
+
+def validate_noise(config: TrainConfig) -> None:
+    """The rules that tie --noise to --noise_alpha, --noise_batch_size and the recipe."""
+    kind, alpha, small = config.noise, config.noise_alpha, config.noise_batch_size
+    if kind != "white" and alpha != 0:
+        raise ValueError(
+            f"--noise_alpha={alpha!r} sets the white noise's size; with --noise={kind} it must "
+            "be 0 (leave it unset). Use --noise=white for the paper's noise."
+        )
+    if kind in ("none", "white"):
+        if small:
+            raise ValueError(
+                f"--noise_batch_size={small} is for --noise=matched or multiplicative; with "
+                f"--noise={kind} it must be 0."
+            )
+        return
+    if not small:
+        raise ValueError(
+            f"--noise={kind} needs --noise_batch_size=b, the small batch whose gradient noise "
+            "it restores (1 <= b <= --batch_size); received --noise_batch_size=0."
+        )
+    if small > config.batch_size:
+        raise ValueError(
+            f"--noise_batch_size={small} exceeds --batch_size={config.batch_size}; added noise "
+            "can only make a batch noisier: allowed 1 <= b <= --batch_size."
+        )
+    if config.lr_scaling == "linear" and small != config.batch_size:
+        raise ValueError(
+            f"--noise={kind} with --lr_scaling=linear adds nothing: the learning rate already "
+            f"grows B/b = {config.batch_size}/{small} times, which restores the small batch's "
+            "noise temperature (s^2 = (B/b)/m - 1 = 0). Use --lr_scaling=none (the small "
+            "batch's learning rate) or sqrt, or --noise=white / none."
+        )
+    if (
+        kind == "matched"
+        and config.accumulation_steps == 1
+        and config.model in MODELS_WITH_BATCH_NORM
+    ):
+        raise ValueError(
+            f"--noise=matched with --model={config.model} (BatchNormalization) needs "
+            "--accumulation_steps >= 2: without accumulation tr(Sigma) is estimated from two "
+            "halves of each replica's batch, which BatchNormalization would normalize apart."
+        )
+
+
+def check_scale_fields(config: TrainConfig) -> None:
+    """Rules between the fields of streaming input and the ImageNet recipe (no silent no-ops)."""
+    is_image_files = config.dataset.startswith(DATASET_PREFIXES)
+    if config.streaming == "true" and not is_image_files:
+        raise ValueError(
+            f"streaming=true reads image files; dataset={config.dataset!r} is held in memory. "
+            "Allowed with streaming=true: tfds:NAME and folder:PATH."
+        )
+    if config.preprocess == "resnet":
+        if not is_image_files or config.streaming == "false":
+            raise ValueError(
+                f"preprocess='resnet' crops each decoded image and needs a streamed tfds:NAME or "
+                f"folder:PATH dataset; received dataset={config.dataset!r}, "
+                f"streaming={config.streaming!r}."
+            )
+        if config.augment:
+            raise ValueError(
+                "augment=true adds the translation of preprocess='resize'; preprocess='resnet' "
+                "has its own random-resized crop and flip. Use augment=false."
+            )
+    if config.weight_decay_exclude_bn_bias and not (
+        config.weight_decay > 0 or config.optimizer == "lars"
+    ):
+        raise ValueError(
+            "weight_decay_exclude_bn_bias=true has no effect with weight_decay=0 (it also "
+            f"excludes them from LARS' adaptation); received weight_decay={config.weight_decay!r}, "
+            f"optimizer={config.optimizer!r}."
+        )
+    if config.lars_eeta != DEFAULT_LARS_EETA and config.optimizer != "lars":
+        raise ValueError(
+            f"lars_eeta={config.lars_eeta!r} is used by optimizer='lars' only; received "
+            f"optimizer={config.optimizer!r}."
+        )
+    if config.zero_init_residual and config.model not in MODELS_WITH_RESIDUAL_BN:
+        raise ValueError(
+            f"zero_init_residual=true needs a model with residual blocks ending in "
+            f"BatchNormalization ({', '.join(MODELS_WITH_RESIDUAL_BN)}); received "
+            f"model={config.model!r}."
+        )

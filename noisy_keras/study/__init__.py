@@ -1,0 +1,1 @@
+"""Grids of runs through the main job, and their reports."""
