@@ -53,11 +53,10 @@ import tensorflow as tf
 from noisy_keras import _extras
 from noisy_keras._validation import check_int
 from noisy_keras.data import pipeline as data
-from noisy_keras.data import streaming
+from noisy_keras.data import registry, streaming
 from noisy_keras.data import tfds as tfds_data
 from noisy_keras.data.pipeline import ClassificationData
 from noisy_keras.data.preprocessing import DEFAULT_IMAGE_SIZE, resize_uint8
-from noisy_keras.run import config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -105,12 +104,12 @@ def load_dataset(
     if image_size is not None:
         check_int("image_size", image_size, 1)
     for argument, value, allowed in (
-        ("streaming", streaming, config.STREAMING_CHOICES),
-        ("preprocess", preprocess, config.PREPROCESSING_NAMES),
+        ("streaming", streaming, registry.STREAMING_CHOICES),
+        ("preprocess", preprocess, registry.PREPROCESSING_NAMES),
     ):
         if value not in allowed:
             raise ValueError(f"{argument} must be one of {allowed}; received {argument}={value!r}.")
-    is_files = name.startswith(config.DATASET_PREFIXES)
+    is_files = name.startswith(registry.DATASET_PREFIXES)
     if (streaming == "true" or preprocess == "resnet") and not is_files:
         raise ValueError(
             f"streaming={streaming!r} with preprocess={preprocess!r} needs a tfds:NAME or "
@@ -131,7 +130,7 @@ def load_dataset(
     if name.startswith("folder:") and len(name) > len("folder:"):
         return _load_folder(name, seed, val_fraction, image_size, **options)
     raise ValueError(
-        f"Unknown dataset name={name!r}; valid names are {', '.join(config.DATASET_NAMES)}, "
+        f"Unknown dataset name={name!r}; valid names are {', '.join(registry.DATASET_NAMES)}, "
         "tfds:NAME (e.g. tfds:cifar10) and folder:PATH."
     )
 

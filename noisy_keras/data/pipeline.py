@@ -30,10 +30,6 @@ from noisy_keras._validation import check_int
 from noisy_keras.data.preprocessing import normalize as _normalize
 from noisy_keras.data.preprocessing import translate_and_flip
 from noisy_keras.data.shards import InputShard, ShardedEpochs, batch_key, shard_positions
-from noisy_keras.run import config
-
-DATASET_NAMES = config.DATASET_NAMES
-DATASET_PREFIXES = config.DATASET_PREFIXES
 
 
 def stratified_split(

@@ -32,7 +32,7 @@ import math
 
 import tensorflow as tf
 
-from noisy_keras.run.config import PREPROCESSING_NAMES
+from noisy_keras.data.registry import PREPROCESSING_NAMES
 
 DEFAULT_IMAGE_SIZE = 224
 """Side in pixels images are resized to when no size is given (the ResNet-50 input)."""

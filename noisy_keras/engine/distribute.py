@@ -8,7 +8,7 @@ import os
 
 import tensorflow as tf
 
-from noisy_keras.run.config import DETERMINISM_CHOICES, STRATEGY_NAMES
+from noisy_keras.engine.registry import DETERMINISM_CHOICES, STRATEGY_NAMES
 
 
 def configure_logical_cpus(num_devices: int) -> list:

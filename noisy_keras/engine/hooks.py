@@ -57,17 +57,18 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
+from noisy_keras._structures import batch_size, dense_all
 from noisy_keras.models.layers import GhostBatchNormalization
 from noisy_keras.noise import matched as matched_noise
 from noisy_keras.noise import multiplicative
 from noisy_keras.noise.matched import MatchedNoiseOptimizer
+from noisy_keras.noise.optimizer import find_wrapper
 
 __all__ = [
     "EngineNoise",
     "StepNoise",
     "batch_coupling_layers",
     "check_engine_noise",
-    "check_multiplicative_layout",
     "matched_optimizer",
 ]
 
@@ -77,37 +78,14 @@ def matched_optimizer(optimizer) -> MatchedNoiseOptimizer | None:
 
     Follows `inner_optimizer` through wrappers (e.g. Keras' LossScaleOptimizer).
     """
-    while optimizer is not None:
-        if isinstance(optimizer, MatchedNoiseOptimizer):
-            return optimizer if optimizer.adds_noise else None
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
+    matched = find_wrapper(optimizer, MatchedNoiseOptimizer)
+    return matched if matched is not None and matched.adds_noise else None
 
 
 def batch_coupling_layers(model: keras.Model) -> list:
     """The layers of `model` whose training output depends on the rest of the batch (BN)."""
     kinds = (keras.layers.BatchNormalization, GhostBatchNormalization)
     return [layer for layer in internals.flatten_layers(model) if isinstance(layer, kinds)]
-
-
-def _num_replicas(model: keras.Model) -> int:
-    return int(model.distribute_strategy.num_replicas_in_sync)
-
-
-def check_multiplicative_layout(model: keras.Model, settings, accumulation_steps=None) -> None:
-    """Raises ValueError unless B divides into k micro-batches of R equal replica shares."""
-    if accumulation_steps is None:
-        from noisy_keras.engine import steps as replica_xla
-
-        accumulation_steps = replica_xla.replica_steps(model).accumulation_steps
-    unit = accumulation_steps * _num_replicas(model)
-    if settings.batch_size % unit:
-        raise ValueError(
-            f"Multiplicative noise has batch_size={settings.batch_size}, which is not divisible "
-            f"by accumulation_steps x replicas = {accumulation_steps} x {_num_replicas(model)}; "
-            "batch_size must be the global batch of one update (every replica's share of every "
-            "micro-batch the same)."
-        )
 
 
 def check_engine_noise(model: keras.Model, accumulation_steps: int) -> None:
@@ -119,7 +97,7 @@ def check_engine_noise(model: keras.Model, accumulation_steps: int) -> None:
     """
     settings = multiplicative.active_multiplicative_noise(model)
     if settings is not None:
-        check_multiplicative_layout(model, settings, accumulation_steps)
+        multiplicative.check_layout(model, settings, accumulation_steps)
     if matched_optimizer(model.optimizer) is not None and accumulation_steps == 1:
         coupled = batch_coupling_layers(model)
         if coupled:
@@ -156,12 +134,6 @@ class StepNoise:
     group_trace: tf.Tensor | None = None
 
 
-def _batch_size(x):
-    first = next(t for t in tf.nest.flatten(x) if t is not None)
-    static = first.shape[0] if first.shape.rank else None
-    return static, tf.shape(first)[0]
-
-
 def _slice(structure, start, stop):
     return tf.nest.map_structure(lambda t: None if t is None else t[start:stop], structure)
 
@@ -171,10 +143,6 @@ def _merged(old_values, changed) -> list:
     return [old if new is None else new for old, new in zip(old_values, changed, strict=True)]
 
 
-def _dense(gradients) -> list:
-    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]
-
-
 def _halves_loss_and_gradients(core, trainable, non_trainable, metrics, loss_scale, x, y, sw):
     """The plain core (`core`) run on the two halves of the batch, one after the other, combined.
 
@@ -182,7 +150,7 @@ def _halves_loss_and_gradients(core, trainable, non_trainable, metrics, loss_sca
     weighted n_i / n, predictions concatenated, state threaded from the first
     half into the second) and the two-group trace estimate in raw units.
     """
-    _, n = _batch_size(x)
+    _, n = batch_size(x)
     n_1 = n // 2
     outputs = []
     state = (list(non_trainable), list(metrics))
@@ -197,7 +165,7 @@ def _halves_loss_and_gradients(core, trainable, non_trainable, metrics, loss_sca
             _slice(y, start, stop),
             _slice(sw, start, stop),
         )
-        outputs.append((loss, _dense(gradients), y_pred))
+        outputs.append((loss, dense_all(gradients), y_pred))
         if changed is None:
             changed = (new_non_trainable, new_metrics)
         else:  # changed by either half: the second half's value, else the first's
@@ -229,7 +197,7 @@ def _noisy_loss_and_gradients(
 ):
     """The engine's pure core (`core`, uncompiled) with the noise kinds: weights, halves."""
     if settings is not None:
-        _, n = _batch_size(x)
+        _, n = batch_size(x)
         sw = multiplicative.weighted_sample_weight(sw, settings.weights(n, t, offset))
     if halves:
         return _halves_loss_and_gradients(
@@ -288,7 +256,7 @@ class EngineNoise:
         if context is not None:
             replica_id = context.replica_id_in_sync_group
             num_replicas = int(context.num_replicas_in_sync)
-        static, n = _batch_size(x)
+        static, n = batch_size(x)
         for name, batch in (
             ("multiplicative noise", None if settings is None else settings.batch_size),
             ("MatchedNoiseOptimizer", None if matched is None else matched.batch_size),

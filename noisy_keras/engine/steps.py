@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
+from noisy_keras._structures import batch_size, dense_all
 from noisy_keras._validation import check_int
 from noisy_keras.engine import hooks as noise_hooks
 from noisy_keras.engine.state import (
@@ -35,6 +36,7 @@ from noisy_keras.engine.state import (
     symbolic_build_hook,
     values,
 )
+from noisy_keras.noise import multiplicative
 from noisy_keras.noise.optimizer import optimizer_accumulation_steps
 
 __all__ = [
@@ -51,10 +53,6 @@ ATTRIBUTE = "_noisy_keras_replica_xla"
 # ---------------------------------------------------------------------------
 # XLA per replica
 # ---------------------------------------------------------------------------
-
-
-def _batch_size(x):
-    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
 class _ReplicaXLASteps:
@@ -188,7 +186,7 @@ class _ReplicaXLASteps:
     def _update_metrics(self, loss, x, y, y_pred, sample_weight):
         model = self.model
         internals.loss_tracker(model).update_state(
-            internals.unscale_loss_for_distribution(loss), sample_weight=_batch_size(x)
+            internals.unscale_loss_for_distribution(loss), sample_weight=batch_size(x)[1]
         )
         logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -238,9 +236,7 @@ class _ReplicaXLASteps:
             # Keras' own train_step: warn, update no weights, keep metrics and RNG state.
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
             return self._update_metrics(loss, x, y, y_pred, sample_weight)
-        gradients = [
-            tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients
-        ]
+        gradients = dense_all(gradients)
         self.noise.observe(noise, gradients, update, loss_scale)  # matched: once per update
         if self.accumulators is None:
             optimizer.apply(
@@ -452,6 +448,16 @@ def enable_replica_xla(
 def replica_steps(model: keras.Model):
     """The per-replica steps `enable_replica_xla` attached to `model`, or None."""
     return getattr(model, ATTRIBUTE, None)
+
+
+def _accumulation_steps_of(model: keras.Model) -> int | None:
+    steps = replica_steps(model)
+    return None if steps is None else steps.accumulation_steps
+
+
+# The engine weights the examples of multiplicative noise in its own XLA core: it
+# tells noise.multiplicative which models it drives, so their compute_loss steps aside.
+multiplicative.register_engine(_accumulation_steps_of)
 
 
 def replica_xla_functions(model: keras.Model) -> dict:

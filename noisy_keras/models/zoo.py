@@ -41,10 +41,8 @@ from keras import layers
 
 from noisy_keras._validation import check_int
 from noisy_keras.models.layers import GhostBatchNormalization
-from noisy_keras.run import config
+from noisy_keras.models.registry import MODEL_NAMES, MODELS_WITH_BATCH_NORM
 
-MODEL_NAMES = config.MODEL_NAMES
-MODELS_WITH_BATCH_NORM = ("cnn1d_bn", "resnet20", "resnet50")
 RESIDUAL_LAST_BATCH_NORM = {
     "resnet20": r"^stage\d+_block\d+_2_bn$",
     "resnet50": r"^conv\d+_block\d+_3_bn$",

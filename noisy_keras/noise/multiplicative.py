@@ -51,6 +51,7 @@ import inspect
 import math
 import numbers
 import secrets
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -62,15 +63,19 @@ from noisy_keras.noise.optimizer import optimizer_accumulation_steps
 # High 32 bits of the Philox key of the example weights ("mult" in ASCII).
 WEIGHTS_KEY_SALT = 0x6D756C74
 _ATTRIBUTE = "_noisy_keras_multiplicative_noise"
+# Engines that weight the examples in their own training step (`register_engine`).
+_ENGINES: list[Callable[[keras.Model], int | None]] = []
 
 __all__ = [
     "MultiplicativeNoise",
     "WEIGHTS_KEY_SALT",
     "active_multiplicative_noise",
+    "check_layout",
     "disable_multiplicative_noise",
     "enable_multiplicative_noise",
     "example_weights",
     "global_offset",
+    "register_engine",
     "weighted_sample_weight",
 ]
 
@@ -180,10 +185,38 @@ class MultiplicativeNoise:
         )
 
 
-def _uses_replica_xla(model) -> bool:
-    from noisy_keras.engine import steps as replica_xla  # imported late: it imports much
+def register_engine(accumulation_steps_of: Callable[[keras.Model], int | None]) -> None:
+    """Tells this module of an engine that weights the examples in its own training step.
 
-    return replica_xla.replica_steps(model) is not None
+    The engine (`noisy_keras.engine.steps` registers itself when imported) depends
+    on this module, not the other way round. For a model the engine drives,
+    `accumulation_steps_of(model)` returns its accumulation steps k (else None):
+    `enable_multiplicative_noise` then checks the layout against k, and the
+    patched `compute_loss` steps aside, so the weights enter once.
+    """
+    if accumulation_steps_of not in _ENGINES:
+        _ENGINES.append(accumulation_steps_of)
+
+
+def _engine_accumulation_steps(model) -> int | None:
+    """k of the engine that drives `model`, or None when Keras' own `fit` does."""
+    for accumulation_steps_of in _ENGINES:
+        k = accumulation_steps_of(model)
+        if k is not None:
+            return k
+    return None
+
+
+def check_layout(model: keras.Model, settings: MultiplicativeNoise, accumulation_steps: int):
+    """Raises ValueError unless B divides into k micro-batches of R equal replica shares."""
+    replicas = int(model.distribute_strategy.num_replicas_in_sync)
+    if settings.batch_size % (accumulation_steps * replicas):
+        raise ValueError(
+            f"Multiplicative noise has batch_size={settings.batch_size}, which is not divisible "
+            f"by accumulation_steps x replicas = {accumulation_steps} x {replicas}; "
+            "batch_size must be the global batch of one update (every replica's share of every "
+            "micro-batch the same)."
+        )
 
 
 def _check_loss_reductions(model) -> None:
@@ -322,17 +355,16 @@ def enable_multiplicative_noise(
             "micro-batch draws the weights of its positions in the global batch."
         )
 
-    if _uses_replica_xla(model):
-        from noisy_keras.engine import hooks as noise_hooks
-
-        noise_hooks.check_multiplicative_layout(model, settings)
+    engine_k = _engine_accumulation_steps(model)
+    if engine_k is not None:
+        check_layout(model, settings, engine_k)
 
     plain_compute_loss = model.compute_loss
 
     def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
         # Under the engine its pure XLA core weights the examples itself, with the
         # step and offset it is given (noisy_keras.engine.hooks): one owner, weighted once.
-        if training and not _uses_replica_xla(model):
+        if training and _engine_accumulation_steps(model) is None:
             weights = _training_weights(model, settings, y_pred)
             sample_weight = weighted_sample_weight(sample_weight, weights)
         return plain_compute_loss(x, y, y_pred, sample_weight, training=training)

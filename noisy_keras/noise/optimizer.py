@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
+from noisy_keras._structures import dense
 from noisy_keras.noise import draw, schedules
 
 CLIPPING_ARGUMENTS = ("clipnorm", "global_clipnorm", "clipvalue")
@@ -255,10 +256,7 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
         ]
         if not targets:
             return grads
-        parts = [
-            tf.convert_to_tensor(grads[i]) if isinstance(grads[i], tf.IndexedSlices) else grads[i]
-            for i in targets
-        ]
+        parts = [dense(grads[i]) for i in targets]
         replicas = _replicas_summing_gradients()
         if replicas > 1:
             context = tf.distribute.get_replica_context()
@@ -291,9 +289,7 @@ class NoisyOptimizer(keras.optimizers.Optimizer):
         noise = draw.unit_noise(shapes, self.seed, step, scale=scale)
         noisy = list(grads)
         for i, n in zip(targets, noise):
-            g = grads[i]
-            if isinstance(g, tf.IndexedSlices):
-                g = tf.convert_to_tensor(g)
+            g = dense(grads[i])
             noisy[i] = g + tf.cast(n, g.dtype)
         return noisy
 
@@ -401,11 +397,23 @@ def find_noisy_optimizer(optimizer) -> NoisyOptimizer | None:
             "optimizer must be a Keras optimizer (e.g. model.optimizer); received "
             f"{type(optimizer).__name__}."
         )
+    return find_wrapper(optimizer, NoisyOptimizer)
+
+
+def optimizer_chain(optimizer):
+    """`optimizer`, then each `inner_optimizer` below it (LossScaleOptimizer, NoisyOptimizer, ...).
+
+    The one walk of a wrapped optimizer: Keras' and this package's wrappers all
+    name the optimizer they wrap `inner_optimizer`.
+    """
     while optimizer is not None:
-        if isinstance(optimizer, NoisyOptimizer):
-            return optimizer
+        yield optimizer
         optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
+
+
+def find_wrapper(optimizer, kind: type):
+    """The first optimizer of class `kind` (or a subclass) in `optimizer`'s chain, or None."""
+    return next((o for o in optimizer_chain(optimizer) if isinstance(o, kind)), None)
 
 
 def current_noise_stddev(optimizer) -> float:
@@ -441,9 +449,8 @@ def optimizer_accumulation_steps(optimizer) -> int | None:
 
     Follows `inner_optimizer` through wrappers (LossScaleOptimizer, NoisyOptimizer).
     """
-    while optimizer is not None:
-        k = getattr(optimizer, "gradient_accumulation_steps", None)
+    for link in optimizer_chain(optimizer):
+        k = getattr(link, "gradient_accumulation_steps", None)
         if k:
             return int(k)
-        optimizer = getattr(optimizer, "inner_optimizer", None)
     return None

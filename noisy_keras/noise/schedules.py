@@ -21,11 +21,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras.run import config
-
-PAPER_ALPHA = 1e-5
-PAPER_GAMMA = 0.55
-SEED_MAX = config.SEED_MAX
+from noisy_keras.noise.registry import PAPER_ALPHA, PAPER_GAMMA, SEED_MAX
 
 __all__ = [
     "PAPER_ALPHA",

@@ -13,8 +13,9 @@ import numbers
 import re
 
 import keras
-import tensorflow as tf
 from keras import ops
+
+from noisy_keras._structures import dense
 
 
 def l2_norm(x):
@@ -204,8 +205,7 @@ class LARS(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         """Applies `lars_update` to `variable` and its momentum slot."""
         index = self._get_variable_index(variable)
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.convert_to_tensor(gradient)  # the norm needs every row
+        gradient = dense(gradient)  # the norm needs every row
         velocity = self.momentums[index]
         new_param, new_velocity = lars_update(
             variable,

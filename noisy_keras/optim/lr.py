@@ -43,9 +43,9 @@ import keras
 from keras import ops
 
 from noisy_keras._validation import check_int
-from noisy_keras.run import config
+from noisy_keras.optim.registry import LR_SCALING_RULES
 
-SCALING_RULES = config.LR_SCALING_RULES
+SCALING_RULES = LR_SCALING_RULES
 """Names accepted by `scale_learning_rate(rule=...)`."""
 
 DEFAULT_DECAY_EPOCHS = (25, 40)

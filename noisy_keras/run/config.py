@@ -26,6 +26,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from noisy_keras.noise.registry import PAPER_ALPHA
 from noisy_keras.run import config_rules
 from noisy_keras.run.config_rules import (  # the allowed values, re-exported where callers look
     DATASET_NAMES,
@@ -74,6 +75,7 @@ __all__ = [
     "TrainConfig",
     "check_field",
     "config_from_strings",
+    "config_from_values",
     "default_noise_alpha",
     "field_rule",
     "read_flagfile",
@@ -101,7 +103,7 @@ class TrainConfig:
     lr_decay_factor: float = 0.9
     lr_decay_epochs: tuple[int, ...] = (25, 40)
     lr_decay_every: int = 10
-    noise_alpha: float = 1e-5
+    noise_alpha: float = PAPER_ALPHA
     noise_gamma: float = 0.55
     epochs: int = 40
     seed: int = 0
@@ -322,9 +324,21 @@ def config_from_strings(values: Mapping[str, str]) -> TrainConfig:
             converted[key] = _from_string(key, text, default)
         except ValueError:
             raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}.") from None
-    if "noise_alpha" not in converted:
-        converted["noise_alpha"] = default_noise_alpha(converted.get("noise", defaults.noise))
-    return validate_config(TrainConfig(**converted))
+    return config_from_values(converted)
+
+
+def config_from_values(values: Mapping[str, object]) -> TrainConfig:
+    """A validated `TrainConfig` from the fields given, typed (parsed flags, converted strings).
+
+    The fields not given take their defaults; this is the one place that sets the
+    default that depends on another field (`default_noise_alpha`). Both ways in,
+    flagfile strings (`config_from_strings`) and the main job's flags
+    (`noisy_keras.run.train.config_from_flags`), end here.
+    """
+    values = dict(values)
+    if "noise_alpha" not in values:
+        values["noise_alpha"] = default_noise_alpha(values.get("noise", TrainConfig.noise))
+    return validate_config(TrainConfig(**values))
 
 
 def default_noise_alpha(noise: str) -> float:

@@ -1,10 +1,10 @@
 """What a run's configuration may hold: the names, each field's range, the rules between fields.
 
 `noisy_keras.run.config` builds and validates `TrainConfig` with these (and
-re-exports the names); this module holds the allowed values so that a new
-model, dataset or noise kind is added in one place. It imports neither
-TensorFlow nor Keras, nor `noisy_keras.run.config` (the rules take any object with
-the config's fields).
+re-exports the names). The names come from the registries of the packages that
+own them (`models.registry`, `data.registry`, ...), so a new model, dataset or
+noise kind is added in one place. It imports neither TensorFlow nor Keras, nor
+`noisy_keras.run.config` (the rules take any object with the config's fields).
 """
 
 from __future__ import annotations
@@ -12,32 +12,32 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from noisy_keras.run.config import TrainConfig
-
-OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "rmsprop", "lion")
-STRATEGY_NAMES = ("default", "mirrored", "multiworker")
-XLA_CHOICES = ("auto", "true", "false")
-DETERMINISM_CHOICES = ("auto", "true", "false")
-PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
-LR_SCALING_RULES = ("linear", "sqrt", "none")
-MODEL_NAMES = ("mlp", "cnn", "cnn1d", "cnn1d_bn", "resnet20", "resnet50")
-DATASET_NAMES = ("digits", "mnist1d")
-DATASET_PREFIXES = ("tfds:", "folder:")
-SEED_MAX = 2**31 - 1
-NOISE_KINDS = ("none", "white", "matched", "multiplicative")
-# Models with BatchNormalization (noisy_keras.models.zoo.MODELS_WITH_BATCH_NORM; a test keeps
-# the two equal): matched noise without accumulation would split their batches in halves.
-MODELS_WITH_BATCH_NORM = ("cnn1d_bn", "resnet20", "resnet50")
-# Data at scale and the ImageNet recipe.
-OPTIMIZER_NAMES = (*OPTIMIZER_NAMES, "lars")  # LARS (You et al. 2017) for batches of 8k-32k
-STREAMING_CHOICES = ("auto", "true", "false")
-PREPROCESSING_NAMES = ("resize", "resnet")
-MODELS_WITH_RESIDUAL_BN = ("resnet20", "resnet50")
-DEFAULT_LARS_EETA = 0.001
-
+# The names live with what they name (each package's registry, importing no TensorFlow).
+from noisy_keras.data.registry import (
+    DATASET_NAMES,
+    DATASET_PREFIXES,
+    PREPROCESSING_NAMES,
+    STREAMING_CHOICES,
+)
+from noisy_keras.engine.registry import (
+    DETERMINISM_CHOICES,
+    PRECISION_CHOICES,
+    STRATEGY_NAMES,
+    XLA_CHOICES,
+)
+from noisy_keras.models.registry import (
+    MODEL_NAMES,
+    MODELS_WITH_BATCH_NORM,
+    MODELS_WITH_RESIDUAL_BN,
+)
+from noisy_keras.noise.registry import NOISE_KINDS, SEED_MAX
+from noisy_keras.optim.registry import (
+    DEFAULT_LARS_EETA,
+    LR_SCALING_RULES,
+    OPTIMIZER_NAMES,
+)
 
 # ---------------------------------------------------------------------------
 # Field checks: one table, used by validate_config and by the absl validators
@@ -136,7 +136,7 @@ def check_field(name: str, value) -> None:
         raise ValueError(f"{name} {allowed}; received {name}={value!r}.")
 
 
-def validate_noise(config: TrainConfig) -> None:
+def validate_noise(config: Any) -> None:
     """The rules that tie --noise to --noise_alpha, --noise_batch_size and the recipe."""
     kind, alpha, small = config.noise, config.noise_alpha, config.noise_batch_size
     if kind != "white" and alpha != 0:
@@ -180,7 +180,7 @@ def validate_noise(config: TrainConfig) -> None:
         )
 
 
-def check_scale_fields(config: TrainConfig) -> None:
+def check_scale_fields(config: Any) -> None:
     """Rules between the fields of streaming input and the ImageNet recipe (no silent no-ops)."""
     is_image_files = config.dataset.startswith(DATASET_PREFIXES)
     if config.streaming == "true" and not is_image_files:

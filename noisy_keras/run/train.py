@@ -102,16 +102,19 @@ def define_flags() -> None:
 
 
 def config_from_flags(flag_values) -> TrainConfig:
-    """Builds the frozen config from parsed flags (the only place that reads them)."""
+    """Builds the frozen config from parsed flags (the only place that reads them).
+
+    The flags given on the command line or in a flagfile, typed by absl; the rest
+    take `TrainConfig`'s defaults in `config.config_from_values`.
+    """
     values = {}
     for field in dataclasses.fields(TrainConfig):
-        value = flag_values[field.name].value
-        if field.name == "lr_decay_epochs":
-            value = tuple(int(s) for s in value)
-        values[field.name] = value
-    if not flag_values["noise_alpha"].present:  # white noise's alpha; 0 for the other kinds
-        values["noise_alpha"] = config_lib.default_noise_alpha(values["noise"])
-    return config_lib.validate_config(TrainConfig(**values))
+        flag = flag_values[field.name]
+        if flag.present:
+            values[field.name] = flag.value
+    if "lr_decay_epochs" in values:
+        values["lr_decay_epochs"] = tuple(int(s) for s in values["lr_decay_epochs"])
+    return config_lib.config_from_values(values)
 
 
 def _epochs_in_checkpoint(workdir: str) -> int:
