@@ -93,7 +93,8 @@ if not _help_requested():
     from noisy_keras.noise.schedules import PAPER_ALPHA, PAPER_GAMMA, noise_stddev, noise_variance
     from noisy_keras.noise.temperature import temperature_deficit
     from noisy_keras.optim.lars import LARS
-    from noisy_keras.optim.lr import WarmupStepDecay, paper_schedule, scale_learning_rate
+    from noisy_keras.optim.lr import scale_learning_rate
+    from noisy_keras.optim.schedule import WarmupStepDecay, paper_schedule
 
 __all__ = [
     "GhostBatchNormalization",

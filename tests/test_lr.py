@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from noisy_keras.optim import lr
+from noisy_keras.optim import schedule as schedule_lib
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def _schedule(**overrides):
         decay_every=2,
     )
     kwargs.update(overrides)
-    return lr.WarmupStepDecay(**kwargs)
+    return schedule_lib.WarmupStepDecay(**kwargs)
 
 
 def test_schedule_values_by_hand():
@@ -106,14 +107,14 @@ def test_schedule_values_by_hand():
 
 
 def test_learning_rate_at_matches_schedule_and_paper_defaults():
-    assert lr.learning_rate_at(25 * 10, peak_learning_rate=0.04, steps_per_epoch=10) == (
+    assert schedule_lib.learning_rate_at(25 * 10, peak_learning_rate=0.04, steps_per_epoch=10) == (
         pytest.approx(0.036)
     )
-    assert lr.learning_rate_at(0, peak_learning_rate=0.04, steps_per_epoch=10) == 0.04
+    assert schedule_lib.learning_rate_at(0, peak_learning_rate=0.04, steps_per_epoch=10) == 0.04
 
 
 def test_schedule_inside_xla_matches_python():
-    schedule = lr.WarmupStepDecay(
+    schedule = schedule_lib.WarmupStepDecay(
         0.08, steps_per_epoch=7, warmup_epochs=1.5, warmup_start_learning_rate=0.02
     )
     steps = np.arange(0, 7 * 70, 13, dtype=np.int64)
@@ -142,7 +143,7 @@ def test_schedule_config_round_trip():
     schedule = _schedule()
     config = keras.optimizers.schedules.serialize(schedule)
     restored = keras.optimizers.schedules.deserialize(config)
-    assert isinstance(restored, lr.WarmupStepDecay)
+    assert isinstance(restored, schedule_lib.WarmupStepDecay)
     assert restored.get_config() == schedule.get_config()
     assert restored.decay_epochs == (4, 6)
     assert [restored.value_at(s) for s in range(40)] == [schedule.value_at(s) for s in range(40)]
@@ -157,7 +158,7 @@ def test_optimizer_with_schedule_round_trips():
 
 
 def test_paper_schedule_scales_and_warms_up_from_the_base_rate():
-    schedule = lr.paper_schedule(
+    schedule = schedule_lib.paper_schedule(
         base_learning_rate=0.01,
         batch_size=128,
         base_batch_size=32,
@@ -167,7 +168,7 @@ def test_paper_schedule_scales_and_warms_up_from_the_base_rate():
     assert schedule.value_at(0) == pytest.approx(0.01)
     assert schedule.value_at(5) == pytest.approx(0.04)
     assert schedule.value_at(25 * 5) == pytest.approx(0.036)
-    assert lr.paper_schedule(
+    assert schedule_lib.paper_schedule(
         base_learning_rate=0.01,
         batch_size=128,
         base_batch_size=32,

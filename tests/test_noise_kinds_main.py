@@ -14,6 +14,7 @@ from noisy_keras.noise.matched import MatchedNoiseOptimizer
 from noisy_keras.noise.optimizer import NoisyOptimizer
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run import rundir_rules
 from noisy_keras.run import train as train_lib
 from noisy_keras.study import experiments
 
@@ -111,9 +112,9 @@ def test_a_run_made_before_the_noise_flags_resumes(tmp_path):
     lines = [s for s in lines if not s.startswith("--noise_batch_size=")]
     (workdir / "flags.txt").write_text("".join(lines))
     (workdir / workdir_lib.RUN_MARKER).write_text("")
-    workdir_lib.prepare_workdir(str(workdir), config)
+    rundir_rules.prepare_workdir(str(workdir), config)
     with pytest.raises(ValueError, match=r"noise: saved 'white', now 'none'"):
-        workdir_lib.prepare_workdir(str(workdir), config.replace(noise="none"))
+        rundir_rules.prepare_workdir(str(workdir), config.replace(noise="none"))
 
 
 @pytest.mark.parametrize(

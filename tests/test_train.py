@@ -14,7 +14,7 @@ from absl import flags
 
 from noisy_keras.data import datasets
 from noisy_keras.noise.optimizer import NoisyOptimizer, current_noise_stddev
-from noisy_keras.optim import lr
+from noisy_keras.optim import schedule as schedule_lib
 from noisy_keras.run import _cli
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import rundir as workdir_lib
@@ -111,7 +111,7 @@ def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     for row in rows:
         step = (row["epoch"] - 1) * updates
-        rate = lr.learning_rate_at(
+        rate = schedule_lib.learning_rate_at(
             step,
             peak_learning_rate=0.2,
             steps_per_epoch=updates,

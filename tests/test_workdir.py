@@ -9,6 +9,7 @@ import pytest
 
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run import rundir_rules
 from noisy_keras.run.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def _snapshot(directory) -> dict:
 def _make_run(workdir, config=None) -> dict:
     """A run directory as the main job leaves it (every file it writes, small contents)."""
     config = config or TrainConfig()
-    plan = workdir_lib.prepare_workdir(str(workdir), config)
+    plan = rundir_rules.prepare_workdir(str(workdir), config)
     assert plan.action == "create"
     workdir_lib.write_status(str(workdir), "running", epochs_completed=0)
     (workdir / "summary.json").write_text('{"status": "diverged"}')
@@ -43,14 +44,14 @@ def _make_run(workdir, config=None) -> dict:
 
 def test_a_new_directory_gets_the_marker_and_the_flags(tmp_path):
     workdir = tmp_path / "runs" / "a"
-    plan = workdir_lib.prepare_workdir(str(workdir), TrainConfig(batch_size=256))
-    assert plan == workdir_lib.WorkdirPlan(str(workdir), "create")
+    plan = rundir_rules.prepare_workdir(str(workdir), TrainConfig(batch_size=256))
+    assert plan == rundir_rules.WorkdirPlan(str(workdir), "create")
     assert sorted(os.listdir(workdir)) == [".noisy_keras_run", "flags.txt"]
     flags = config_lib.read_flagfile(str(workdir / "flags.txt"))
     assert flags["batch_size"] == "256" and flags["workdir"] == str(workdir)
     # An existing empty directory is a new run too.
     (tmp_path / "empty").mkdir()
-    assert workdir_lib.check_workdir(str(tmp_path / "empty"), TrainConfig()).action == "create"
+    assert rundir_rules.check_workdir(str(tmp_path / "empty"), TrainConfig()).action == "create"
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -58,7 +59,7 @@ def test_a_directory_with_a_users_file_is_refused_and_kept(tmp_path, overwrite):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "thesis.txt").write_text("x")
     with pytest.raises(ValueError, match=r"not a run directory .* it holds thesis.txt") as error:
-        workdir_lib.prepare_workdir(str(tmp_path / "d"), TrainConfig(), overwrite=overwrite)
+        rundir_rules.prepare_workdir(str(tmp_path / "d"), TrainConfig(), overwrite=overwrite)
     assert "nothing was deleted" in str(error.value)
     assert _snapshot(tmp_path) == {"d/thesis.txt": b"x"}
 
@@ -68,7 +69,7 @@ def test_overwrite_refuses_the_current_directory_even_when_it_is_a_run(tmp_path,
     monkeypatch.chdir(tmp_path / "run")
     for name in (".", "./", os.path.join("..", "run")):
         with pytest.raises(ValueError, match=r"refuses --workdir=.*: it is the current directory"):
-            workdir_lib.prepare_workdir(name, TrainConfig(), overwrite=True)
+            rundir_rules.prepare_workdir(name, TrainConfig(), overwrite=True)
     assert _snapshot(tmp_path / "run") == before
 
 
@@ -77,7 +78,7 @@ def test_overwrite_refuses_a_parent_of_the_current_directory(tmp_path, monkeypat
     (tmp_path / "run" / "checkpoints" / "deeper").mkdir()
     monkeypatch.chdir(tmp_path / "run" / "checkpoints" / "deeper")
     with pytest.raises(ValueError, match="it is a parent of the current directory"):
-        workdir_lib.prepare_workdir(str(tmp_path / "run"), TrainConfig(), overwrite=True)
+        rundir_rules.prepare_workdir(str(tmp_path / "run"), TrainConfig(), overwrite=True)
     assert _snapshot(tmp_path / "run") == before
 
 
@@ -87,7 +88,7 @@ def test_overwrite_refuses_the_home_directory(tmp_path, monkeypatch):
     (home / "notes.txt").write_text("mine")
     monkeypatch.setenv("HOME", str(home))
     with pytest.raises(ValueError, match=r"it is the home directory \(it holds .*notes.txt"):
-        workdir_lib.prepare_workdir(str(home), TrainConfig(), overwrite=True)
+        rundir_rules.prepare_workdir(str(home), TrainConfig(), overwrite=True)
     assert _snapshot(home) == {**before, "notes.txt": b"mine"}
 
 
@@ -95,7 +96,7 @@ def test_overwrite_refuses_a_run_holding_other_files(tmp_path):
     before = _make_run(tmp_path / "run")
     (tmp_path / "run" / "notes.md").write_text("mine")
     with pytest.raises(ValueError, match="files the run did not write: notes.md"):
-        workdir_lib.prepare_workdir(str(tmp_path / "run"), TrainConfig(), overwrite=True)
+        rundir_rules.prepare_workdir(str(tmp_path / "run"), TrainConfig(), overwrite=True)
     assert _snapshot(tmp_path / "run") == {**before, "notes.md": b"mine"}
 
 
@@ -103,7 +104,7 @@ def test_overwrite_replaces_a_run(tmp_path):
     workdir = tmp_path / "run"
     _make_run(workdir, TrainConfig(batch_size=128))
     (workdir / ".tmp-abcstatus.json").write_text("left by a killed write")
-    plan = workdir_lib.prepare_workdir(str(workdir), TrainConfig(batch_size=64), overwrite=True)
+    plan = rundir_rules.prepare_workdir(str(workdir), TrainConfig(batch_size=64), overwrite=True)
     assert plan.action == "overwrite"
     assert sorted(os.listdir(workdir)) == [".noisy_keras_run", "flags.txt"]
     assert config_lib.read_flagfile(str(workdir / "flags.txt"))["batch_size"] == "64"
@@ -135,7 +136,7 @@ def test_every_other_field_is_refused_on_resume(tmp_path, field):
     changed = dataclasses.replace(TrainConfig(), **{field.name: _other_value(field)})
     wanted = changed.flag_strings()[field.name]
     with pytest.raises(ValueError, match="holds a run with a different configuration") as error:
-        workdir_lib.prepare_workdir(str(tmp_path / "run"), changed)
+        rundir_rules.prepare_workdir(str(tmp_path / "run"), changed)
     assert f"{field.name}: saved {TrainConfig().flag_strings()[field.name]!r}, now {wanted!r}" in (
         str(error.value)
     )
@@ -147,7 +148,7 @@ def test_every_other_field_is_refused_on_resume(tmp_path, field):
 )
 def test_resumable_fields_may_differ(tmp_path, changes):
     _make_run(tmp_path / "run")
-    plan = workdir_lib.prepare_workdir(str(tmp_path / "run"), TrainConfig(**changes))
+    plan = rundir_rules.prepare_workdir(str(tmp_path / "run"), TrainConfig(**changes))
     assert plan.action == "resume"
     saved = config_lib.read_flagfile(str(tmp_path / "run" / "flags.txt"))
     for name, value in changes.items():  # flags.txt records the new value
@@ -163,18 +164,18 @@ def test_a_finished_run_is_done_unless_more_epochs_are_asked(tmp_path):
         ",".join(workdir_lib.METRICS_COLUMNS) + "\n" + "".join(f"{e},,,,,,,,\n" for e in (1, 2, 3))
     )
     before = _snapshot(workdir)
-    plan = workdir_lib.prepare_workdir(str(workdir), TrainConfig(epochs=3, verbose=2))
-    assert plan == workdir_lib.WorkdirPlan(str(workdir), "done", summary=summary)
+    plan = rundir_rules.prepare_workdir(str(workdir), TrainConfig(epochs=3, verbose=2))
+    assert plan == rundir_rules.WorkdirPlan(str(workdir), "done", summary=summary)
     assert _snapshot(workdir) == before  # not even flags.txt is rewritten
-    assert workdir_lib.check_workdir(str(workdir), TrainConfig(epochs=5)).action == "resume"
+    assert rundir_rules.check_workdir(str(workdir), TrainConfig(epochs=5)).action == "resume"
     with pytest.raises(ValueError, match="already trained for 3 epochs; epochs=2 would not"):
-        workdir_lib.check_workdir(str(workdir), TrainConfig(epochs=2))
+        rundir_rules.check_workdir(str(workdir), TrainConfig(epochs=2))
 
 
 def test_a_file_is_not_a_directory(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
-        workdir_lib.check_workdir(str(tmp_path / "f"), TrainConfig(), overwrite=True)
+        rundir_rules.check_workdir(str(tmp_path / "f"), TrainConfig(), overwrite=True)
 
 
 def test_statuses_are_checked(tmp_path):

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._validation import check_int
+from noisy_keras._validation import check_positive_int
 from noisy_keras.data import pipeline as data
 from noisy_keras.engine import checkpointing, distribute
 from noisy_keras.engine import steps as replica_xla
@@ -33,10 +33,6 @@ from noisy_keras.models import zoo as models
 from noisy_keras.run import rundir as workdir_lib
 
 __all__ = ["BatchSplit", "FitResult", "fit", "split_global_batch", "train_stream"]
-
-
-def _positive_int(name: str, value) -> int:
-    return check_int(name, value, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +86,9 @@ def split_global_batch(
         BatchSplit(global_batch_size=4096, num_replicas=8, accumulation_steps=4,
                    step_batch_size=1024, per_replica_batch_size=128)
     """
-    _positive_int("global_batch_size", global_batch_size)
-    _positive_int("num_replicas", num_replicas)
-    _positive_int("accumulation_steps", accumulation_steps)
+    check_positive_int("global_batch_size", global_batch_size)
+    check_positive_int("num_replicas", num_replicas)
+    check_positive_int("accumulation_steps", accumulation_steps)
     unit = num_replicas * accumulation_steps
     if global_batch_size % unit:
         lower = (global_batch_size // unit) * unit
@@ -275,10 +271,10 @@ def fit(
         >>> result.status
         'done'
     """
-    _positive_int("epochs", epochs)
-    _positive_int("steps_per_epoch", steps_per_epoch)
-    _positive_int("checkpoint_every_epochs", checkpoint_every_epochs)
-    k = _positive_int("accumulation_steps", accumulation_steps)
+    check_positive_int("epochs", epochs)
+    check_positive_int("steps_per_epoch", steps_per_epoch)
+    check_positive_int("checkpoint_every_epochs", checkpoint_every_epochs)
+    k = check_positive_int("accumulation_steps", accumulation_steps)
     if steps_per_epoch % k:
         raise ValueError(
             f"steps_per_epoch={steps_per_epoch} is not a multiple of accumulation_steps={k}; "

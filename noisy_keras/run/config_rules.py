@@ -10,11 +10,11 @@ noise kind is added in one place. It imports neither TensorFlow nor Keras, nor
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 # The names live with what they name (each package's registry, importing no TensorFlow).
+from noisy_keras._validation import is_int, is_number
 from noisy_keras.data.registry import (
     DATASET_NAMES,
     DATASET_PREFIXES,
@@ -44,20 +44,12 @@ from noisy_keras.optim.registry import (
 # ---------------------------------------------------------------------------
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _int_at_least(minimum: int) -> tuple[Callable, str]:
-    return (lambda v: _is_int(v) and v >= minimum), f"must be >= {minimum}"
+    return (lambda v: is_int(v) and v >= minimum), f"must be >= {minimum}"
 
 
 def _finite_at_least_zero() -> tuple[Callable, str]:
-    return (lambda v: _is_real(v) and math.isfinite(v) and v >= 0), "must be >= 0"
+    return (lambda v: is_number(v) and math.isfinite(v) and v >= 0), "must be >= 0"
 
 
 def _one_of(names: tuple[str, ...]) -> tuple[Callable, str]:
@@ -76,44 +68,44 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "dataset": (_dataset_ok, "must be one of digits, mnist1d, tfds:NAME or folder:PATH"),
     "model": _one_of(MODEL_NAMES),
     "optimizer": _one_of(OPTIMIZER_NAMES),
-    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay": _finite_at_least_zero(),
     "batch_size": _int_at_least(1),
     "base_batch_size": _int_at_least(1),
-    "base_learning_rate": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "base_learning_rate": (lambda v: is_number(v) and math.isfinite(v) and v > 0, "must be > 0"),
     "lr_scaling": _one_of(LR_SCALING_RULES),
     "warmup_epochs": _finite_at_least_zero(),
-    "lr_decay_factor": (lambda v: _is_real(v) and 0 < v <= 1, "must be in (0, 1]"),
+    "lr_decay_factor": (lambda v: is_number(v) and 0 < v <= 1, "must be in (0, 1]"),
     "lr_decay_epochs": (
-        lambda v: isinstance(v, tuple) and all(_is_int(e) and e >= 1 for e in v),
+        lambda v: isinstance(v, tuple) and all(is_int(e) and e >= 1 for e in v),
         "must be a comma-separated list of epochs >= 1",
     ),
     "lr_decay_every": _int_at_least(1),
     "noise_alpha": _finite_at_least_zero(),
     "noise_gamma": _finite_at_least_zero(),
     "epochs": _int_at_least(1),
-    "seed": (lambda v: _is_int(v) and 0 <= v <= SEED_MAX, "must be in [0, 2**31 - 1]"),
+    "seed": (lambda v: is_int(v) and 0 <= v <= SEED_MAX, "must be in [0, 2**31 - 1]"),
     "strategy": _one_of(STRATEGY_NAMES),
     "num_devices": _int_at_least(0),
     "xla": _one_of(XLA_CHOICES),
     "accumulation_steps": _int_at_least(1),
     "ghost_batch_size": _int_at_least(0),
-    "val_fraction": (lambda v: _is_real(v) and 0 < v < 1, "must be in (0, 1)"),
+    "val_fraction": (lambda v: is_number(v) and 0 < v < 1, "must be in (0, 1)"),
     "image_size": _int_at_least(0),
     "augment": (lambda v: isinstance(v, bool), "must be true or false"),
     "deterministic": _one_of(DETERMINISM_CHOICES),
     "data_dir": (lambda v: isinstance(v, str), "must be a path ('' for TFDS' default)"),
-    "verbose": (lambda v: _is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
+    "verbose": (lambda v: is_int(v) and v in (0, 1, 2), "must be 0, 1 or 2"),
     "noise": _one_of(NOISE_KINDS),
     "noise_batch_size": _int_at_least(0),
     # Data at scale and the ImageNet recipe.
     "streaming": _one_of(STREAMING_CHOICES),
     "preprocess": _one_of(PREPROCESSING_NAMES),
     "updates_per_epoch": _int_at_least(0),
-    "label_smoothing": (lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "label_smoothing": (lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay_exclude_bn_bias": (lambda v: isinstance(v, bool), "must be true or false"),
     "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
-    "lars_eeta": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "lars_eeta": (lambda v: is_number(v) and math.isfinite(v) and v > 0, "must be > 0"),
     "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
     # Mixed precision (multi-GPU with XLA)
     "precision": _one_of(PRECISION_CHOICES),

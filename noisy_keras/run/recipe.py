@@ -37,7 +37,7 @@ from noisy_keras.noise import temperature
 from noisy_keras.noise.matched import MatchedNoiseOptimizer
 from noisy_keras.noise.multiplicative import enable_multiplicative_noise
 from noisy_keras.noise.optimizer import NoisyOptimizer
-from noisy_keras.optim import lr
+from noisy_keras.optim import schedule
 from noisy_keras.optim.lars import LARS
 from noisy_keras.run.config import TrainConfig
 
@@ -167,9 +167,9 @@ def add_model_noise(config: TrainConfig, model: keras.Model) -> keras.Model:
     return model
 
 
-def make_schedule(config: TrainConfig, updates_per_epoch: int) -> lr.WarmupStepDecay:
-    """The run's learning rate per update: scaled, warmed up, step-decayed (`lr.paper_schedule`)."""
-    return lr.paper_schedule(
+def make_schedule(config: TrainConfig, updates_per_epoch: int) -> schedule.WarmupStepDecay:
+    """The run's learning rate per update: scaled, warmed up, step-decayed (`paper_schedule`)."""
+    return schedule.paper_schedule(
         base_learning_rate=config.base_learning_rate,
         batch_size=config.batch_size,
         base_batch_size=config.base_batch_size,

@@ -12,19 +12,7 @@ A run of the main job owns one directory:
     accuracy.png     training (dotted) and validation (solid) accuracy, as in the paper's Fig. 4
     summary.json     final numbers, also printed as one line
 
-The contract, decided by `check_workdir` before anything is created:
-
-* A directory is a run when it holds the marker `RUN_MARKER`, which the package
-  writes when it creates the directory. A missing or empty directory becomes a
-  new run; any other directory is refused, and nothing in it is touched.
-* A run is resumed when its saved flags equal the new ones, except for
-  `config.RESUMABLE_FIELDS` (more epochs continue it; data location and
-  verbosity do not change what is trained). A run whose summary says "done"
-  after the same number of epochs is left exactly as it is.
-* `overwrite` replaces a run: it deletes the run's own files (`RUN_FILES`) and
-  nothing else. It refuses a directory that is not a run, a run holding other
-  files, and `.`, a parent of the current directory, the home directory or `/`,
-  whatever they hold.
+Who may create, resume or replace a run directory is `run.rundir_rules`.
 
 Epochs are counted from 1 everywhere (metrics.csv, plots, summary, log lines,
 like Keras' progress bar): the row of epoch e describes the e-th epoch. Its
@@ -45,10 +33,8 @@ callback imports Keras when it is made).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -75,8 +61,8 @@ RUN_FILES = (
     CHECKPOINT_DIR,
 )
 """Everything a run writes in its directory; `--overwrite` deletes these and nothing else."""
-_TEMPORARY_PREFIXES = (".tmp-",)  # atomic_write_text's temporary files
-_TEMPORARY_SUFFIXES = (".tmp",)  # the metrics CSV's rewrite
+TEMPORARY_PREFIXES = (".tmp-",)  # atomic_write_text's temporary files
+TEMPORARY_SUFFIXES = (".tmp",)  # the metrics CSV's rewrite
 STATUSES = ("running", "done", "diverged", "interrupted", "failed")
 FINAL_STATUSES = ("done", "diverged", "interrupted", "failed")
 METRICS_COLUMNS = (
@@ -90,21 +76,14 @@ METRICS_COLUMNS = (
     "noise_stddev",
     "wall_time_s",
 )
-ACTIONS = ("create", "resume", "overwrite", "done")
-
 __all__ = [
-    "ACTIONS",
     "FINAL_STATUSES",
     "METRICS_COLUMNS",
     "RUN_FILES",
     "RUN_MARKER",
     "STATUSES",
-    "WorkdirPlan",
     "atomic_write_text",
-    "check_workdir",
-    "make_workdir",
     "metrics_csv_callback",
-    "prepare_workdir",
     "read_json",
     "read_metrics",
     "read_run_config",
@@ -178,187 +157,6 @@ def read_status(workdir: str) -> dict | None:
 
 # ---------------------------------------------------------------------------
 # Who may use a directory: check first (touching nothing), then act
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkdirPlan:
-    """What a run will do with its directory, decided by `check_workdir`.
-
-    Attributes:
-        workdir: the directory as given.
-        action: "create" (missing or empty), "resume" (a run with the same
-            configuration), "overwrite" (a run to replace) or "done" (a run
-            with the same configuration that is already finished).
-        summary: the finished run's summary for "done", else None.
-    """
-
-    workdir: str
-    action: str
-    summary: dict | None = None
-
-
-def _protected_reason(workdir: str) -> str | None:
-    """Why `--overwrite` may never touch `workdir` whatever it holds, or None."""
-    target = os.path.realpath(workdir)
-    cwd = os.path.realpath(os.getcwd())
-    home = os.path.realpath(os.path.expanduser("~"))
-    if target == cwd:
-        return "it is the current directory"
-    if cwd.startswith(target.rstrip(os.sep) + os.sep) or target == os.sep:
-        return "it is a parent of the current directory"
-    if target == home:
-        return "it is the home directory"
-    return None
-
-
-def _is_temporary(name: str) -> bool:
-    return name.startswith(_TEMPORARY_PREFIXES) or name.endswith(_TEMPORARY_SUFFIXES)
-
-
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(sorted(names)[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_workdir(
-    workdir: str, config: config_lib.TrainConfig, overwrite: bool = False
-) -> WorkdirPlan:
-    """Decides what a run with `config` may do with `workdir`, touching nothing.
-
-    Rule (see the module docstring): a missing or empty directory is created; a
-    directory with `RUN_MARKER` whose flags equal `config`'s (except
-    `config.RESUMABLE_FIELDS`) is resumed, or left as it is when its summary
-    says "done" after `config.epochs` epochs; with `overwrite`, a run holding
-    only `RUN_FILES` is replaced. Everything else is refused.
-
-    Args:
-        workdir: the run directory.
-        config: the run's configuration (already validated).
-        overwrite: replace the run in `workdir`.
-
-    Returns:
-        A `WorkdirPlan`.
-
-    Raises:
-        ValueError: the directory is refused; the message says what it holds
-            and that nothing was deleted.
-    """
-    if not isinstance(workdir, str) or not workdir:
-        raise ValueError(f"workdir must be a non-empty path; received {workdir!r}.")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir!r} is a file, not a directory (nothing was deleted).")
-    entries = os.listdir(workdir) if os.path.isdir(workdir) else []
-    protected = _protected_reason(workdir) if overwrite else None
-    if protected:
-        raise ValueError(
-            f"--overwrite refuses --workdir={workdir!r}: {protected}"
-            + (f" (it holds {_listing(entries)})" if entries else "")
-            + ". Give a run directory of its own, e.g. runs/NAME (nothing was deleted)."
-        )
-    if not entries:
-        return WorkdirPlan(workdir, "create")
-    if RUN_MARKER not in entries:
-        raise ValueError(
-            f"--workdir={workdir!r} is not empty and is not a run directory of noisy_keras (no "
-            f"{RUN_MARKER} marker); it holds {_listing(entries)}. Choose another --workdir"
-            + (
-                "; --overwrite deletes only run directories that noisy_keras made"
-                if overwrite
-                else ""
-            )
-            + " (nothing was deleted)."
-        )
-    if overwrite:
-        foreign = [n for n in entries if n not in RUN_FILES and not _is_temporary(n)]
-        if foreign:
-            raise ValueError(
-                f"--overwrite refuses --workdir={workdir!r}: besides a run it holds files the "
-                f"run did not write: {_listing(foreign)}. Move them away or choose another "
-                "--workdir (nothing was deleted)."
-            )
-        return WorkdirPlan(workdir, "overwrite")
-    flagfile = os.path.join(workdir, FLAGS_FILE)
-    # A field the saved flags lack was added to TrainConfig later: the run had its default.
-    saved = {
-        **config_lib.TrainConfig().flag_strings(),
-        **(config_lib.read_flagfile(flagfile) if os.path.exists(flagfile) else {}),
-    }
-    wanted = config.flag_strings()
-    differences = [
-        f"{key}: saved {saved.get(key)!r}, now {wanted[key]!r}"
-        for key in wanted
-        if key not in config_lib.RESUMABLE_FIELDS and saved.get(key) != wanted[key]
-    ]
-    if differences:
-        raise ValueError(
-            f"--workdir={workdir!r} holds a run with a different configuration ("
-            + "; ".join(differences)
-            + "). Use another --workdir, or pass --overwrite to delete that run and "
-            "start afresh (nothing was deleted)."
-        )
-    trained = _epochs_trained(workdir)
-    if trained > config.epochs:
-        raise ValueError(
-            f"--workdir={workdir!r} holds a run already trained for {trained} epochs; "
-            f"epochs={config.epochs} would not continue it. Pass --epochs >= {trained}, or "
-            "--overwrite to start afresh (nothing was deleted)."
-        )
-    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
-    if summary and summary.get("status") == "done" and summary.get("epochs") == config.epochs:
-        return WorkdirPlan(workdir, "done", summary=summary)
-    return WorkdirPlan(workdir, "resume")
-
-
-def _epochs_trained(workdir: str) -> int:
-    """The last epoch in the run's metrics.csv (0 without one)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    rows = read_metrics(path) if os.path.exists(path) else []
-    return max((row["epoch"] for row in rows), default=0)
-
-
-def make_workdir(plan: WorkdirPlan, config: config_lib.TrainConfig) -> None:
-    """Carries out `plan`: creates the run directory (or empties a run for "overwrite").
-
-    Writes the marker and flags.txt (flags.txt gets the new resumable fields on
-    a resume). A "done" plan changes nothing.
-    """
-    workdir = plan.workdir
-    if plan.action == "done":
-        return
-    if plan.action == "overwrite":
-        for name in os.listdir(workdir):
-            if name not in RUN_FILES and not _is_temporary(name):
-                continue  # check_workdir refused these; never delete what the run did not write
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
-    marker = os.path.join(workdir, RUN_MARKER)
-    if not os.path.exists(marker):
-        write_json(marker, {"written_by": "noisy_keras", "contents": list(RUN_FILES)})
-    atomic_write_text(
-        os.path.join(workdir, FLAGS_FILE), config.to_flagfile() + f"--workdir={workdir}\n"
-    )
-
-
-def prepare_workdir(
-    workdir: str, config: config_lib.TrainConfig, overwrite: bool = False
-) -> WorkdirPlan:
-    """`check_workdir`, then `make_workdir`; returns the plan.
-
-    Raises:
-        ValueError: as `check_workdir`; nothing is created or deleted then.
-    """
-    plan = check_workdir(workdir, config, overwrite=overwrite)
-    make_workdir(plan, config)
-    return plan
-
-
-# ---------------------------------------------------------------------------
-# metrics.csv
 # ---------------------------------------------------------------------------
 
 

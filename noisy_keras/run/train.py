@@ -15,7 +15,6 @@ Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -25,7 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from noisy_keras import _extras
-from noisy_keras.run import _cli
+from noisy_keras.run import _cli, device_policy, rundir_rules
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import flagfile as flagfile_lib
 from noisy_keras.run import rundir as workdir_lib
@@ -144,7 +143,7 @@ def train(
 ) -> dict:
     """Runs, resumes or (when finished) only reports one experiment; returns its summary.
 
-    Order: the config and the run directory are checked (`workdir.check_workdir`,
+    Order: the config and the run directory are checked (`rundir_rules.check_workdir`,
     touching nothing); a finished run with this configuration returns at once,
     unchanged. Then strategy, batch split, data and schedule are built, all of
     which may refuse bad input, and only then the directory is created (or a
@@ -180,13 +179,13 @@ def train(
     config = config_lib.validate_config(config)
     workdir = workdir or config.default_workdir()
     log = log or (lambda _line: None)
-    plan = workdir_lib.check_workdir(workdir, config, overwrite=overwrite)
+    plan = rundir_rules.check_workdir(workdir, config, overwrite=overwrite)
     if plan.action == "done":
         return {**plan.summary, "already_done": True}
     # Device policy: strategy, XLA, op determinism, precision. Resolved and checked
     # before the run directory exists; applied for this run only, restored after.
-    strategy, policy = resolve_device_policy(config)
-    with run_settings(policy):
+    strategy, policy = device_policy.resolve_device_policy(config)
+    with device_policy.run_settings(policy):
         return _run(config, workdir, plan, strategy, policy, log)
 
 
@@ -203,68 +202,6 @@ def progress_verbosity(verbose: int, stream=None) -> int:
         return verbose
     isatty = getattr(stream, "isatty", None)
     return 1 if isatty is not None and isatty() else 2
-
-
-def resolve_device_policy(config: TrainConfig):
-    """The run's strategy and `{"replicas", "xla", "deterministic", "precision"}`, resolved.
-
-    XLA: `distribute.resolve_xla` (`--xla=auto`: on for GPUs); op determinism:
-    `distribute.resolve_determinism` (`--deterministic=auto`: on unless XLA is
-    on; true with XLA is refused for models with max pooling); precision: the
-    Keras dtype policy named by `--precision`.
-
-    Raises:
-        ValueError: an impossible combination, naming the flags.
-    """
-    from noisy_keras.engine import distribute
-    from noisy_keras.models import zoo as models
-
-    strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
-    xla = distribute.resolve_xla(
-        {"auto": "auto", "true": True, "false": False}[config.xla], strategy
-    )
-    deterministic = distribute.resolve_determinism(
-        config.deterministic,
-        xla=xla,
-        model_has_max_pooling=config.model in models.MODELS_WITH_MAX_POOLING,
-    )
-    policy = {
-        "replicas": int(strategy.num_replicas_in_sync),
-        "xla": xla,
-        "deterministic": deterministic,
-        "precision": config.precision,
-    }
-    return strategy, policy
-
-
-@contextlib.contextmanager
-def run_settings(policy: dict):
-    """Sets Keras' dtype policy and TensorFlow's op determinism for one run, then restores both.
-
-    `train()` is called in a loop by the experiment runner and by tests: a
-    run's settings must not leak into the next.
-    """
-    import keras
-    import tensorflow as tf
-
-    from noisy_keras import _keras_internals as internals
-
-    previous_policy = keras.config.dtype_policy()
-    previously_deterministic = internals.is_op_determinism_enabled()
-    keras.config.set_dtype_policy(policy["precision"])
-    if policy["deterministic"] and not previously_deterministic:
-        tf.config.experimental.enable_op_determinism()
-    elif previously_deterministic and not policy["deterministic"]:
-        internals.disable_op_determinism()
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
-        if internals.is_op_determinism_enabled() != previously_deterministic:
-            if previously_deterministic:
-                tf.config.experimental.enable_op_determinism()
-            else:
-                internals.disable_op_determinism()
 
 
 def _run(config, workdir, plan, strategy, policy, log) -> dict:
@@ -307,7 +244,7 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
     steps_per_epoch = updates_per_epoch * config.accumulation_steps
     schedule = recipe.make_schedule(config, updates_per_epoch)
 
-    workdir_lib.make_workdir(plan, config)  # everything above is checked: now create
+    rundir_rules.make_workdir(plan, config)  # everything above is checked: now create
     resume_from = _epochs_in_checkpoint(workdir) if plan.action == "resume" else 0
     workdir_lib.write_status(workdir, "running", epochs_completed=resume_from)
     if resume_from:
@@ -464,7 +401,7 @@ def main(argv) -> int:
         try:
             config = config_from_flags(FLAGS)
             workdir = FLAGS.workdir or config.default_workdir()
-            if workdir_lib.check_workdir(workdir, config, FLAGS.overwrite).action != "done":
+            if rundir_rules.check_workdir(workdir, config, FLAGS.overwrite).action != "done":
                 _cli.quiet_tensorflow()
             summary = train(config, workdir, overwrite=FLAGS.overwrite)
         except (ValueError, FileNotFoundError, ConnectionError, _extras.MissingExtraError) as error:
