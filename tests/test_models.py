@@ -6,14 +6,12 @@ import pytest
 import tensorflow as tf
 
 from noisy_keras.models.layers import GhostBatchNormalization
-from noisy_keras.models.zoo import (
+from noisy_keras.models.registry import (
     MODEL_NAMES,
     MODELS_WITH_BATCH_NORM,
     MODELS_WITH_MAX_POOLING,
-    Subsample2D,
-    build_model,
-    has_max_pooling,
 )
+from noisy_keras.models.zoo import Subsample2D, build_model, has_max_pooling
 
 SMALL_MODELS = {
     # name: (input_shape, total parameters for 10 classes)

@@ -25,7 +25,7 @@ without touching global random state.
 Under a mixed-precision dtype policy (`keras.config.set_dtype_policy(
 "mixed_float16")` or `"mixed_bfloat16"`) every model ends in a float32 linear
 activation, so its logits, and the loss, are float32 (Keras' advice for mixed
-precision). `cnn` and `resnet50` have max pooling (`MODELS_WITH_MAX_POOLING`),
+precision). `cnn` and `resnet50` have max pooling (`registry.MODELS_WITH_MAX_POOLING`),
 whose gradient XLA cannot compute deterministically.
 """
 
@@ -41,14 +41,16 @@ from keras import layers
 
 from noisy_keras._validation import check_int
 from noisy_keras.models.layers import GhostBatchNormalization
-from noisy_keras.models.registry import MODEL_NAMES, MODELS_WITH_BATCH_NORM
+from noisy_keras.models.registry import (
+    MODEL_NAMES,
+    MODELS_WITH_BATCH_NORM,
+)
 
 RESIDUAL_LAST_BATCH_NORM = {
     "resnet20": r"^stage\d+_block\d+_2_bn$",
     "resnet50": r"^conv\d+_block\d+_3_bn$",
 }
 """Per model, the names of the BatchNormalization layers that end a residual block (re.match)."""
-MODELS_WITH_MAX_POOLING = ("cnn", "resnet50")
 _INITIALIZER_KEYS = (
     "kernel_initializer",
     "bias_initializer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+from noisy_keras.models.registry import MODELS_WITH_MAX_POOLING
 from noisy_keras.run.config import TrainConfig
 
 __all__ = ["resolve_device_policy", "run_settings"]
@@ -27,7 +28,6 @@ def resolve_device_policy(config: TrainConfig):
         ValueError: an impossible combination, naming the flags.
     """
     from noisy_keras.engine import distribute
-    from noisy_keras.models import zoo as models
 
     strategy = distribute.make_strategy(config.strategy, config.num_devices or None)
     xla = distribute.resolve_xla(
@@ -36,7 +36,7 @@ def resolve_device_policy(config: TrainConfig):
     deterministic = distribute.resolve_determinism(
         config.deterministic,
         xla=xla,
-        model_has_max_pooling=config.model in models.MODELS_WITH_MAX_POOLING,
+        model_has_max_pooling=config.model in MODELS_WITH_MAX_POOLING,
     )
     policy = {
         "replicas": int(strategy.num_replicas_in_sync),
