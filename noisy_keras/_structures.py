@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["batch_size", "dense", "dense_all"]
+__all__ = ["batch_size", "dense", "dense_all", "replica_in_sync"]
 
 
 def batch_size(structure) -> tuple[int | None, tf.Tensor]:
@@ -25,3 +25,15 @@ def dense(gradient):
 def dense_all(gradients) -> list:
     """`dense` of each gradient of a list (None stays None)."""
     return [dense(g) for g in gradients]
+
+
+def replica_in_sync():
+    """(replica id, replicas in sync) of the current replica context; (0, 1) outside one.
+
+    The id is a Python int or a scalar tensor (as `tf.distribute` gives it), the
+    count always a Python int.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return 0, 1
+    return context.replica_id_in_sync_group, int(context.num_replicas_in_sync)

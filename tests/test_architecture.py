@@ -28,12 +28,6 @@ LAYERS = (
     ("bench",),
     ("__init__", "train", "experiments"),
 )
-# Upward imports still to be removed, each with the step that removes it.
-# The test fails when one disappears (delete it here) or a new one appears.
-KNOWN_UPWARD = {
-    # engine.fit writes status.json; the run directory is to be written by run.rundir alone.
-    ("noisy_keras.engine.fit", "noisy_keras.run.rundir"),
-}
 
 
 def _modules() -> dict[str, str]:
@@ -135,7 +129,7 @@ def test_no_package_imports_one_above_it():
         for imported in imports
         if _layer(imported) > _layer(module)
     }
-    assert upward == KNOWN_UPWARD
+    assert upward == set()
 
 
 @pytest.mark.parametrize("package", ["data", "engine", "models", "noise", "optim"])

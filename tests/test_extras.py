@@ -13,8 +13,8 @@ import pytest
 
 from noisy_keras import _extras
 from noisy_keras.data import datasets
+from noisy_keras.engine import rundir as workdir_lib
 from noisy_keras.run import config as config_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,9 +22,9 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from noisy_keras.data import datasets  # noqa: E402
 from noisy_keras.data import tfds as tfds_data
+from noisy_keras.engine import rundir as workdir_lib  # noqa: E402
 from noisy_keras.run import config as config_lib  # noqa: E402
 from noisy_keras.run import flagfile
-from noisy_keras.run import rundir as workdir_lib  # noqa: E402
 from noisy_keras.run import train as train_lib  # noqa: E402
 from noisy_keras.study import experiments
 
@@ -82,7 +82,7 @@ def test_a_prepared_tfds_dataset_uses_its_validation_split_and_trains(tmp_path):
     )
     summary = train_lib.train(config, str(tmp_path / "run"), log=None)
     assert summary["status"] == "done" and summary["epochs"] == 1
-    assert workdir_lib.read_status(str(tmp_path / "run"))["status"] == "done"
+    assert workdir_lib.RunDir(str(tmp_path / "run")).read_status()["status"] == "done"
 
 
 def test_the_main_job_trains_on_tfds_mnist_under_tfds_mock_data(tmp_path):

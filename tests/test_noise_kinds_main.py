@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
+from noisy_keras.engine import rundir as workdir_lib
 from noisy_keras.models import zoo as models
 from noisy_keras.noise.matched import MatchedNoiseOptimizer
 from noisy_keras.noise.optimizer import NoisyOptimizer
 from noisy_keras.run import config as config_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run import rundir_rules
 from noisy_keras.run import train as train_lib
 from noisy_keras.study import experiments

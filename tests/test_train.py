@@ -13,11 +13,11 @@ import pytest
 from absl import flags
 
 from noisy_keras.data import datasets
+from noisy_keras.engine import rundir as workdir_lib
 from noisy_keras.noise.optimizer import NoisyOptimizer, current_noise_stddev
 from noisy_keras.optim import schedule as schedule_lib
 from noisy_keras.run import _cli
 from noisy_keras.run import config as config_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +253,7 @@ def test_a_crash_ends_in_status_failed_and_a_rerun_finishes(tmp_path, monkeypatc
     config = config_lib.TrainConfig(**{**TINY, "epochs": 3})
     with pytest.raises(RuntimeError, match="disk full"):
         train_lib.train(config, workdir, log=None)
-    assert workdir_lib.read_status(workdir) == {
+    assert workdir_lib.RunDir(workdir).read_status() == {
         "status": "failed",
         "epochs_completed": 1,
         "message": "RuntimeError: disk full",
@@ -393,7 +393,7 @@ def test_ctrl_c_stops_at_a_batch_boundary_and_a_rerun_finishes(tmp_path):
     stdout, stderr = process.communicate(timeout=10)
     assert process.returncode == _cli.EXIT_INTERRUPTED == 130, stderr[-2000:]
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
-    status = workdir_lib.read_status(str(tmp_path / "run"))
+    status = workdir_lib.RunDir(str(tmp_path / "run")).read_status()
     completed = status["epochs_completed"]
     assert status["status"] == "interrupted" and 2 <= completed < 30
     assert stderr.startswith(f"noisy_keras.train: interrupted; stopped in epoch {completed + 1}")
@@ -408,7 +408,7 @@ def test_ctrl_c_stops_at_a_batch_boundary_and_a_rerun_finishes(tmp_path):
     assert rerun.stdout.strip().splitlines()[-1].startswith("noisy_keras.train: done | 30 epochs")
     rows = workdir_lib.read_metrics(str(tmp_path / "run" / "metrics.csv"))
     assert [r["epoch"] for r in rows] == list(range(1, 31))
-    assert workdir_lib.read_status(str(tmp_path / "run"))["status"] == "done"
+    assert workdir_lib.RunDir(str(tmp_path / "run")).read_status()["status"] == "done"
 
 
 def test_deterministic_true_with_xla_and_max_pooling_is_refused_before_anything_is_written(

@@ -17,8 +17,8 @@ from noisy_keras.engine import checkpointing
 from noisy_keras.engine import fit as training
 from noisy_keras.engine import steps as replica_xla
 from noisy_keras.engine.distribute import make_strategy
+from noisy_keras.engine.rundir import RunDir
 from noisy_keras.noise.optimizer import NoisyOptimizer
-from noisy_keras.run import rundir as workdir
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -326,7 +326,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert "in epoch 2, batch 3 of 4 (step 6, counting steps from 0)" in result.message
     assert result.epochs_completed == 1
     assert not all(np.all(np.isfinite(w)) for w in _weights(result.model))
-    assert workdir.read_status(str(tmp_path))["status"] == "diverged"
+    assert RunDir(str(tmp_path)).read_status()["status"] == "diverged"
     assert result.checkpoint.endswith("ckpt-1")
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if f.startswith("ckpt-2")]
 
@@ -356,6 +356,7 @@ def test_an_unfinished_checkpoint_is_ignored_and_all_state_is_restored(tmp_path)
     # A process killed while writing checkpoint 2 leaves files the state file does not name.
     (tmp_path / "ckpt-2.index").write_bytes(b"partial")
     (tmp_path / "ckpt-2.data-00000-of-00001").write_bytes(b"")
+    assert checkpointing.checkpointed_epochs(str(tmp_path)) == 1  # read from the name
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     # Every model variable (weights, BN statistics, dropout RNG state) moved on.
     moved = [not np.array_equal(np.asarray(v), b) for v, b in zip(model.variables, saved)]
@@ -401,7 +402,7 @@ def test_keras_callbacks_keep_working_under_the_engine(tmp_path):
         events = [f for _, _, fs in os.walk(tmp_path / "tb") for f in fs if "tfevents" in f]
         assert events
     assert not (tmp_path / "backup").exists()  # BackupAndRestore cleans up after success
-    assert workdir.read_status(str(tmp_path / "run"))["status"] == "done"
+    assert RunDir(str(tmp_path / "run")).read_status()["status"] == "done"
 
 
 def test_enable_replica_xla_rejects_what_it_cannot_honour():

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from noisy_keras.engine import rundir as workdir_lib
 from noisy_keras.run import config as config_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run import rundir_rules
 from noisy_keras.run.config import TrainConfig
 
@@ -31,7 +31,7 @@ def _make_run(workdir, config=None) -> dict:
     config = config or TrainConfig()
     plan = rundir_rules.prepare_workdir(str(workdir), config)
     assert plan.action == "create"
-    workdir_lib.write_status(str(workdir), "running", epochs_completed=0)
+    workdir_lib.RunDir(str(workdir)).write_status("running", epochs_completed=0)
     (workdir / "summary.json").write_text('{"status": "diverged"}')
     for name in ("model.keras", "accuracy.png"):
         (workdir / name).write_text(f"{name} of the run")
@@ -179,11 +179,21 @@ def test_a_file_is_not_a_directory(tmp_path):
 
 
 def test_statuses_are_checked(tmp_path):
-    workdir_lib.write_status(str(tmp_path), "interrupted", epochs_completed=2)
+    workdir_lib.RunDir(str(tmp_path)).write_status("interrupted", epochs_completed=2)
     expected = {"status": "interrupted", "epochs_completed": 2}
-    assert workdir_lib.read_status(str(tmp_path)) == expected
+    assert workdir_lib.RunDir(str(tmp_path)).read_status() == expected
     with pytest.raises(ValueError, match=r"status must be one of .*'failed'\); received 'ok'"):
-        workdir_lib.write_status(str(tmp_path), "ok")
+        workdir_lib.RunDir(str(tmp_path)).write_status("ok")
+
+
+def test_a_run_dir_names_only_the_files_a_run_writes(tmp_path):
+    run = workdir_lib.RunDir(tmp_path / "run")  # any path-like
+    assert run.path == str(tmp_path / "run")
+    assert run.metrics_path == os.path.join(run.path, "metrics.csv")
+    assert (run.read_status(), run.read_summary(), run.epochs_recorded()) == (None, None, 0)
+    with pytest.raises(ValueError, match=r"name must be one of \(.*\); received 'notes.txt'"):
+        run.file("notes.txt")
+    assert not (tmp_path / "run").exists()  # naming and reading write nothing
 
 
 @pytest.mark.parametrize(

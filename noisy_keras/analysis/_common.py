@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras._validation import check_int
+from noisy_keras._validation import check_positive_int
 
 
 def default_loss() -> keras.losses.Loss:
@@ -56,23 +56,6 @@ def per_example_loss(loss, y_true, y_pred):
 def mean_loss(loss, y_true, y_pred):
     """Mean loss over the examples of one batch."""
     return tf.reduce_mean(per_example_loss(loss, y_true, y_pred))
-
-
-def check_positive_int(value, name: str, minimum: int = 1) -> int:
-    """Returns `value` if it is an integer >= `minimum`; raises a ValueError naming it otherwise."""
-    return check_int(name, value, minimum)
-
-
-def check_nonnegative_float(value, name: str, positive: bool = False) -> float:
-    """Returns `value` as a float if finite and >= 0 (> 0 if `positive`), else raises."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not np.isfinite(number) or number < 0 or (positive and number == 0):
-        allowed = "a finite number > 0" if positive else "a finite number >= 0"
-        raise ValueError(f"{name} must be {allowed}; received {value!r}.")
-    return number
 
 
 def num_examples(x) -> int:
@@ -121,7 +104,7 @@ def iterate_batches(data, batch_size: int = 256, name: str = "data") -> Iterator
             f"{name} must be a tuple (x, y) of arrays or a batched tf.data.Dataset of (x, y); "
             f"received {type(data).__name__}."
         )
-    batch_size = check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int("batch_size", batch_size)
     x, y = data
     n = check_arrays(x, y, name)
     for start in range(0, n, batch_size):

@@ -56,6 +56,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from noisy_keras._validation import check_int, check_positive_int
 from noisy_keras.analysis import _common
 
 
@@ -151,10 +152,10 @@ def variance_factor(batch_size: int, population_size: int | None = None) -> floa
     Returns:
         c(B) as a float.
     """
-    batch_size = _common.check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int("batch_size", batch_size)
     if population_size is None:
         return 1.0 / batch_size
-    population_size = _common.check_positive_int(population_size, "population_size")
+    population_size = check_positive_int("population_size", population_size)
     if batch_size > population_size:
         raise ValueError(
             f"batch_size must be at most population_size={population_size} when sampling "
@@ -209,7 +210,7 @@ def minibatch_gradient_variance(
         A `MinibatchVariance`.
     """
     gradients = _check_gradients(per_example_gradients)
-    num_batches = _common.check_positive_int(num_batches, "num_batches", minimum=2)
+    num_batches = check_int("num_batches", num_batches, 2)
     sizes = np.atleast_1d(np.asarray(batch_sizes))
     if sizes.ndim != 1 or sizes.size == 0 or not np.issubdtype(sizes.dtype, np.integer):
         raise ValueError(
@@ -293,8 +294,8 @@ def simple_noise_scale_from_norms(
             "small_sq_norms and big_sq_norms must be non-empty 1-D sequences of the same "
             f"length; received shapes {small.shape} and {big.shape}."
         )
-    small_batch_size = _common.check_positive_int(small_batch_size, "small_batch_size")
-    big_batch_size = _common.check_positive_int(big_batch_size, "big_batch_size")
+    small_batch_size = check_positive_int("small_batch_size", small_batch_size)
+    big_batch_size = check_positive_int("big_batch_size", big_batch_size)
     if small_batch_size >= big_batch_size:
         raise ValueError(
             "small_batch_size must be smaller than big_batch_size; received "
@@ -350,9 +351,9 @@ def simple_noise_scale(
     if not isinstance(model, keras.Model):
         raise ValueError(f"model must be a keras.Model; received {type(model).__name__}.")
     n = _common.check_arrays(x, y, "x, y")
-    num_repeats = _common.check_positive_int(num_repeats, "num_repeats")
-    small_batch_size = _common.check_positive_int(small_batch_size, "small_batch_size")
-    big_batch_size = _common.check_positive_int(big_batch_size, "big_batch_size")
+    num_repeats = check_positive_int("num_repeats", num_repeats)
+    small_batch_size = check_positive_int("small_batch_size", small_batch_size)
+    big_batch_size = check_positive_int("big_batch_size", big_batch_size)
     if small_batch_size >= big_batch_size:
         raise ValueError(
             "small_batch_size must be smaller than big_batch_size; received "

@@ -51,6 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from noisy_keras._validation import check_int, check_positive_int, check_positive_number
 from noisy_keras.analysis import _common
 
 METHODS = ("lanczos", "power")
@@ -104,7 +105,7 @@ def _check_method(method) -> str:
 
 
 def _check_tolerance(tolerance) -> float:
-    return _common.check_nonnegative_float(tolerance, "tolerance", positive=True)
+    return check_positive_number("tolerance", tolerance)
 
 
 def power_iteration(
@@ -133,8 +134,8 @@ def power_iteration(
     Returns:
         An `EigenResult` with k = 1; the eigenvalue is that of A (shift added back).
     """
-    dim = _common.check_positive_int(dim, "dim")
-    max_iterations = _common.check_positive_int(max_iterations, "max_iterations")
+    dim = check_positive_int("dim", dim)
+    max_iterations = check_positive_int("max_iterations", max_iterations)
     tolerance = _check_tolerance(tolerance)
     vector = np.random.default_rng(seed).standard_normal(dim)
     vector /= np.linalg.norm(vector)
@@ -235,11 +236,11 @@ def lanczos(
     Returns:
         An `EigenResult` with the k largest Ritz values in descending order.
     """
-    dim = _common.check_positive_int(dim, "dim")
-    k = _common.check_positive_int(k, "k")
+    dim = check_positive_int("dim", dim)
+    k = check_positive_int("k", k)
     if k > dim:
         raise ValueError(f"k must be at most dim={dim}; received k={k}.")
-    max_iterations = _common.check_positive_int(max_iterations, "max_iterations")
+    max_iterations = check_positive_int("max_iterations", max_iterations)
     tolerance = _check_tolerance(tolerance)
     rng = np.random.default_rng(seed)
     steps = min(max_iterations, dim)
@@ -309,8 +310,8 @@ def hutchinson_trace(
     Returns:
         A `TraceEstimate` with the standard error of the mean.
     """
-    dim = _common.check_positive_int(dim, "dim")
-    num_samples = _common.check_positive_int(num_samples, "num_samples", minimum=2)
+    dim = check_positive_int("dim", dim)
+    num_samples = check_int("num_samples", num_samples, 2)
     rng = np.random.default_rng(seed)
     samples = np.empty(num_samples)
     for i in range(num_samples):
@@ -352,7 +353,7 @@ class HessianOperator:
         self.model = model
         self.data = data
         self.loss = _common.resolve_loss(loss)
-        self.batch_size = _common.check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_positive_int("batch_size", batch_size)
         self.variables = list(model.trainable_variables)
         self.dim = _common.num_parameters(self.variables)
         if self.dim == 0:
@@ -432,7 +433,7 @@ def hessian_eigenvalues(
         Jastrzebski et al. 2018; Jaiswal & Taura, Fig. 3.
     """
     _check_method(method)
-    k = _common.check_positive_int(k, "k")
+    k = check_positive_int("k", k)
     if method == "power" and k != 1:
         raise ValueError(f'method="power" finds one eigenvalue; received k={k}. Use "lanczos".')
     operator = HessianOperator(model, data, loss=loss, batch_size=batch_size)

@@ -56,7 +56,7 @@ import math
 
 import numpy as np
 
-from noisy_keras.analysis import _common
+from noisy_keras._validation import check_int, check_positive_int, check_positive_number
 from noisy_keras.analysis import gradient_noise as gradient_noise_lib
 from noisy_keras.noise import draw, multiplicative, schedules, temperature
 from noisy_keras.noise import matched as matched_noise
@@ -160,10 +160,10 @@ def noise_temperatures(
             f"two rows; received shape {gradients.shape}."
         )
     count, dim = gradients.shape
-    batch_size = _common.check_positive_int(batch_size, "batch_size", minimum=2)
-    small_batch_size = _common.check_positive_int(small_batch_size, "small_batch_size")
-    num_draws = _common.check_positive_int(num_draws, "num_draws", minimum=2)
-    learning_rate = _common.check_nonnegative_float(learning_rate, "learning_rate", True)
+    batch_size = check_int("batch_size", batch_size, 2)
+    small_batch_size = check_positive_int("small_batch_size", small_batch_size)
+    num_draws = check_int("num_draws", num_draws, 2)
+    learning_rate = check_positive_number("learning_rate", learning_rate)
     kinds = _check_kinds(kinds)
     population = None if replace else count
     for name, size in (("batch_size", batch_size), ("small_batch_size", small_batch_size)):

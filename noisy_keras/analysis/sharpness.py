@@ -43,6 +43,7 @@ import keras
 import numpy as np
 import scipy.optimize
 
+from noisy_keras._validation import check_positive_int, check_positive_number
 from noisy_keras.analysis import _common
 
 STARTS = ("random", "zero")
@@ -76,8 +77,8 @@ def random_subspace(dim: int, subspace_dim: int, *, seed=0) -> np.ndarray:
 
     `seed` is anything `np.random.default_rng` accepts (an int, a SeedSequence).
     """
-    dim = _common.check_positive_int(dim, "dim")
-    subspace_dim = _common.check_positive_int(subspace_dim, "subspace_dim")
+    dim = check_positive_int("dim", dim)
+    subspace_dim = check_positive_int("subspace_dim", subspace_dim)
     return np.random.default_rng(seed).standard_normal((dim, subspace_dim))
 
 
@@ -108,8 +109,8 @@ def sharpness_of_function(
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"x must be a non-empty 1-D vector; received shape {x.shape}.")
-    epsilon = _common.check_nonnegative_float(epsilon, "epsilon", positive=True)
-    max_iterations = _common.check_positive_int(max_iterations, "max_iterations")
+    epsilon = check_positive_number("epsilon", epsilon)
+    max_iterations = check_positive_int("max_iterations", max_iterations)
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}; received {start!r}.")
     if projection is None:
@@ -183,7 +184,7 @@ def loss_and_gradient_function(model: keras.Model, data, *, loss=None, batch_siz
     if not isinstance(model, keras.Model):
         raise ValueError(f"model must be a keras.Model; received {type(model).__name__}.")
     loss = _common.resolve_loss(loss)
-    batch_size = _common.check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int("batch_size", batch_size)
     clone = _common.clone_model(model)
     variables = list(clone.trainable_variables)
     dim = _common.num_parameters(variables)
@@ -249,7 +250,7 @@ def epsilon_sharpness(
     subspace_seed, start_seed = np.random.SeedSequence(seed).spawn(2)
     projection = None
     if subspace_dim is not None:
-        subspace_dim = _common.check_positive_int(subspace_dim, "subspace_dim")
+        subspace_dim = check_positive_int("subspace_dim", subspace_dim)
         if subspace_dim > theta.size:
             raise ValueError(
                 f"subspace_dim must be at most the number of trainable parameters "

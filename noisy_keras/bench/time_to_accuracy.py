@@ -7,14 +7,13 @@ main job (`noisy_keras.run.train.train`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 from collections.abc import Sequence
 
 from noisy_keras.bench import harness
 from noisy_keras.data import datasets
+from noisy_keras.engine.rundir import RunDir
 from noisy_keras.run import config as config_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run import train
 
 
@@ -81,7 +80,7 @@ def measure_time_to_accuracy(
             )
             with tempfile.TemporaryDirectory() as workdir:
                 summary = train.train(config, workdir, overwrite=True)
-                rows = workdir_lib.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
+                rows = RunDir(workdir).read_metrics()
             reached = _first_reach(rows, task.target_accuracy)
             steps_per_epoch = num_train // batch_size
             runs.append(

@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras._validation import check_int
+from noisy_keras._validation import check_int, replica_share
 
 # Salts folded into the per-epoch key so augmentation draws differ from the order's.
 _AUGMENT_SALT = 0x5EED
@@ -98,12 +98,12 @@ def shard_positions(batch_size: int, num_batches: int, shard: InputShard) -> np.
     """
     check_int("batch_size", batch_size, 1)
     check_int("num_batches", num_batches, 1)
-    if batch_size % shard.num_replicas:
+    per_replica = replica_share(batch_size, shard.num_replicas)
+    if per_replica is None:
         raise ValueError(
             f"batch_size={batch_size} is not divisible by the {shard.num_replicas} replicas in "
             "sync; see noisy_keras.engine.fit.split_global_batch."
         )
-    per_replica = batch_size // shard.num_replicas
     grid = np.arange(num_batches * batch_size, dtype=np.int64).reshape(
         num_batches, shard.num_replicas, per_replica
     )

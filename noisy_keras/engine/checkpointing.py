@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import keras
@@ -26,7 +27,19 @@ import tensorflow as tf
 
 from noisy_keras.engine import distribute
 
-__all__ = ["Checkpointer", "DivergenceGuard", "EpochCheckpoint"]
+__all__ = ["Checkpointer", "DivergenceGuard", "EpochCheckpoint", "checkpointed_epochs"]
+
+
+def checkpointed_epochs(directory: str) -> int:
+    """Epochs completed by the latest checkpoint in `directory` (0 without one).
+
+    `Checkpointer.save` numbers each checkpoint by the epochs it completed
+    (`ckpt-3` holds the state after three epochs), so the count is read from
+    the name without restoring anything.
+    """
+    latest = tf.train.latest_checkpoint(directory)
+    match = re.search(r"-(\d+)$", latest or "")
+    return int(match.group(1)) if match else 0
 
 
 def _tf_variable(variable):

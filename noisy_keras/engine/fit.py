@@ -5,8 +5,8 @@
   accumulation.
 * `fit(...)` trains a compiled model with per-replica XLA
   (`noisy_keras.engine.steps`), crash-safe, exactly resumable checkpoints and
-  a stop for diverged runs (`noisy_keras.engine.checkpointing`), writing the run's
-  status (`noisy_keras.run.rundir`).
+  a stop for diverged runs (`noisy_keras.engine.checkpointing`), the run's
+  status written by its `noisy_keras.engine.rundir.RunDir`.
 
 References:
     S. K. Jaiswal and K. Taura, "Overcoming Generalization Gap in Large
@@ -25,12 +25,12 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._validation import check_positive_int
+from noisy_keras._validation import check_positive_int, replica_share
 from noisy_keras.data import pipeline as data
 from noisy_keras.engine import checkpointing, distribute
 from noisy_keras.engine import steps as replica_xla
+from noisy_keras.engine.rundir import RunDir
 from noisy_keras.models import zoo as models
-from noisy_keras.run import rundir as workdir_lib
 
 __all__ = ["BatchSplit", "FitResult", "fit", "split_global_batch", "train_stream"]
 
@@ -89,8 +89,9 @@ def split_global_batch(
     check_positive_int("global_batch_size", global_batch_size)
     check_positive_int("num_replicas", num_replicas)
     check_positive_int("accumulation_steps", accumulation_steps)
-    unit = num_replicas * accumulation_steps
-    if global_batch_size % unit:
+    per_replica = replica_share(global_batch_size, num_replicas, accumulation_steps)
+    if per_replica is None:
+        unit = num_replicas * accumulation_steps
         lower = (global_batch_size // unit) * unit
         nearest = [n for n in (lower, lower + unit) if n > 0]
         raise ValueError(
@@ -98,13 +99,12 @@ def split_global_batch(
             f"accumulation_steps = {num_replicas} x {accumulation_steps} = {unit}; allowed: "
             f"multiples of {unit}, e.g. {' or '.join(map(str, nearest))}."
         )
-    step = global_batch_size // accumulation_steps
     return BatchSplit(
         global_batch_size=global_batch_size,
         num_replicas=num_replicas,
         accumulation_steps=accumulation_steps,
-        step_batch_size=step,
-        per_replica_batch_size=step // num_replicas,
+        step_batch_size=per_replica * num_replicas,
+        per_replica_batch_size=per_replica,
     )
 
 
@@ -201,7 +201,7 @@ def fit(
     *,
     epochs: int,
     steps_per_epoch: int,
-    workdir: str | None = None,
+    workdir: str | os.PathLike | RunDir | None = None,
     validation_data=None,
     validation_steps: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -241,8 +241,8 @@ def fit(
         epochs: total epochs of the run (not "more epochs").
         steps_per_epoch: steps per epoch; must be a multiple of
             `accumulation_steps`, so that checkpoints fall between updates.
-        workdir: directory for checkpoints and status; None trains without
-            either (no resume).
+        workdir: directory (a path or a `RunDir`) for checkpoints and
+            status; None trains without either (no resume).
         validation_data, validation_steps: as in `keras.Model.fit`.
         callbacks: Keras callbacks, run as in `model.fit`.
         strategy: the strategy; defaults to the model's (or the current one
@@ -302,10 +302,12 @@ def fit(
     initial_epoch = 0
     checkpointer = None
     chief = distribute.is_chief(strategy)
+    run_dir = None
     if workdir is not None:
+        run_dir = workdir if isinstance(workdir, RunDir) else RunDir(workdir)
         checkpointer = checkpointing.Checkpointer(
             model,
-            os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
+            run_dir.checkpoint_dir,
             max_to_keep=max_checkpoints,
             strategy=strategy,
         )
@@ -327,8 +329,8 @@ def fit(
             epochs_completed=initial_epoch,
             checkpoint=checkpointer.latest if checkpointer else None,
         )
-    if workdir is not None and chief:
-        workdir_lib.write_status(workdir, "running", initial_epoch=initial_epoch)
+    if run_dir is not None and chief:
+        run_dir.write_status("running", initial_epoch=initial_epoch)
 
     stream = train_stream(train_data, strategy, initial_epoch, epochs, steps_per_epoch)
     history = model.fit(
@@ -357,9 +359,8 @@ def fit(
         diverged_at=guard.diverged_at,
         checkpoint=checkpointer.latest if checkpointer else None,
     )
-    if workdir is not None and chief:
-        workdir_lib.write_status(
-            workdir,
+    if run_dir is not None and chief:
+        run_dir.write_status(
             status,
             epochs_completed=completed,
             message=result.message,

@@ -57,7 +57,7 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._structures import batch_size, dense_all
+from noisy_keras._structures import batch_size, dense_all, replica_in_sync
 from noisy_keras.models.layers import GhostBatchNormalization
 from noisy_keras.noise import matched as matched_noise
 from noisy_keras.noise import multiplicative
@@ -251,11 +251,7 @@ class EngineNoise:
             return None
         model, k = self._steps.model, self._steps.accumulation_steps
         check_engine_noise(model, k)
-        context = tf.distribute.get_replica_context()
-        replica_id, num_replicas = 0, 1
-        if context is not None:
-            replica_id = context.replica_id_in_sync_group
-            num_replicas = int(context.num_replicas_in_sync)
+        replica_id, num_replicas = replica_in_sync()
         static, n = batch_size(x)
         for name, batch in (
             ("multiplicative noise", None if settings is None else settings.batch_size),
@@ -332,8 +328,7 @@ class EngineNoise:
         if not model.optimizer.built:  # as `apply` would, on the first trace (no strategy)
             with keras.name_scope(model.optimizer.name, caller=model.optimizer):
                 model.optimizer.build(model.trainable_variables)
-        context = tf.distribute.get_replica_context()
-        num_replicas = 1 if context is None else int(context.num_replicas_in_sync)
+        num_replicas = replica_in_sync()[1]
         unscale = tf.square(float(num_replicas) / tf.cast(loss_scale, tf.float32))
         k = self._steps.accumulation_steps
         if k == 1:
@@ -356,6 +351,8 @@ class EngineNoise:
             size = tf.cast(noise.batch_size, tf.float32)
             estimate = size / float(k - 1) * spread
         estimate = tf.cast(estimate, tf.float32) * unscale
-        if context is not None and num_replicas > 1:
-            estimate = context.all_reduce(tf.distribute.ReduceOp.MEAN, estimate)
+        if num_replicas > 1:
+            estimate = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.MEAN, estimate
+            )
         noise.matched.observe_covariance_trace(estimate)

@@ -57,7 +57,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from noisy_keras._validation import check_int
+from noisy_keras._validation import check_int, check_number
 from noisy_keras.noise import temperature
 from noisy_keras.noise.optimizer import NoisyOptimizer
 
@@ -226,17 +226,9 @@ def matched_noise_variance(covariance_trace, *, num_parameters: int, batch_size:
 
 
 def _check_ema_decay(ema_decay) -> float:
-    if (
-        isinstance(ema_decay, bool)
-        or not isinstance(ema_decay, numbers.Real)
-        or not math.isfinite(ema_decay)
-        or not 0.0 <= ema_decay < 1.0
-    ):
-        raise ValueError(
-            f"ema_decay must be a number in [0, 1) (0: no averaging); received "
-            f"ema_decay={ema_decay!r}."
-        )
-    return float(ema_decay)
+    return check_number(
+        "ema_decay", ema_decay, "a number in [0, 1) (0: no averaging)", lambda v: 0 <= v < 1
+    )
 
 
 @keras.saving.register_keras_serializable(package="noisy_keras")

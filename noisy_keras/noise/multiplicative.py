@@ -56,7 +56,8 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from noisy_keras._validation import check_int
+from noisy_keras._structures import replica_in_sync
+from noisy_keras._validation import check_int, check_number, replica_share
 from noisy_keras.noise import draw, schedules, temperature
 from noisy_keras.noise.optimizer import optimizer_accumulation_steps
 
@@ -81,14 +82,7 @@ __all__ = [
 
 
 def _check_variance(variance) -> float:
-    if (
-        isinstance(variance, bool)
-        or not isinstance(variance, numbers.Real)
-        or not math.isfinite(variance)
-        or variance < 0
-    ):
-        raise ValueError(f"variance must be a finite number >= 0; received variance={variance!r}.")
-    return float(variance)
+    return check_number("variance", variance, "a finite number >= 0", lambda v: v >= 0)
 
 
 def _check_seed(seed) -> int:
@@ -149,14 +143,14 @@ def global_offset(
     batch_size = check_int("batch_size", batch_size, 1)
     num_replicas = check_int("num_replicas", num_replicas, 1)
     micro_batches = check_int("micro_batches", micro_batches, 1)
-    if batch_size % (micro_batches * num_replicas):
+    per_replica = replica_share(batch_size, num_replicas, micro_batches)
+    if per_replica is None:
         raise ValueError(
             f"batch_size must be divisible by micro_batches * num_replicas = "
             f"{micro_batches} * {num_replicas} (every replica's share of every micro-batch "
             f"is the same); received batch_size={batch_size}."
         )
-    per_micro_batch = batch_size // micro_batches
-    per_replica = per_micro_batch // num_replicas
+    per_micro_batch = per_replica * num_replicas
     if isinstance(replica_id, numbers.Integral) and isinstance(micro_batch, numbers.Integral):
         return int(micro_batch) * per_micro_batch + int(replica_id) * per_replica
     return tf.cast(micro_batch, tf.int64) * per_micro_batch + (
@@ -210,7 +204,7 @@ def _engine_accumulation_steps(model) -> int | None:
 def check_layout(model: keras.Model, settings: MultiplicativeNoise, accumulation_steps: int):
     """Raises ValueError unless B divides into k micro-batches of R equal replica shares."""
     replicas = int(model.distribute_strategy.num_replicas_in_sync)
-    if settings.batch_size % (accumulation_steps * replicas):
+    if replica_share(settings.batch_size, replicas, accumulation_steps) is None:
         raise ValueError(
             f"Multiplicative noise has batch_size={settings.batch_size}, which is not divisible "
             f"by accumulation_steps x replicas = {accumulation_steps} x {replicas}; "
@@ -384,17 +378,15 @@ def _training_weights(model, settings: MultiplicativeNoise, y_pred) -> tf.Tensor
     """The weights of this replica's examples in a step of Keras' own `fit` (traced once)."""
     step = tf.convert_to_tensor(model.optimizer.iterations)
     micro_batch, micro_batches = 0, 1
-    context = tf.distribute.get_replica_context()
-    replica_id, num_replicas = 0, 1
-    if context is not None:
-        replica_id, num_replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync
-    num_replicas = int(num_replicas)
-    if settings.batch_size % (micro_batches * num_replicas):
-        raise ValueError(
-            f"batch_size must be divisible by the accumulation steps times the replicas, "
-            f"{micro_batches} * {num_replicas}; received batch_size={settings.batch_size}."
-        )
-    share = settings.batch_size // (micro_batches * num_replicas)
+    replica_id, num_replicas = replica_in_sync()
+    offset = global_offset(  # refuses a batch_size that does not divide into replica shares
+        batch_size=settings.batch_size,
+        replica_id=replica_id,
+        num_replicas=num_replicas,
+        micro_batch=micro_batch,
+        micro_batches=micro_batches,
+    )
+    share = replica_share(settings.batch_size, num_replicas, micro_batches)
     first = tf.nest.flatten(y_pred)[0]
     static = first.shape[0] if first.shape.rank else None
     if static is not None and static > share:
@@ -404,13 +396,6 @@ def _training_weights(model, settings: MultiplicativeNoise, y_pred) -> tf.Tensor
             f"{share}; batch_size must be the examples of one update (received "
             f"batch_size={settings.batch_size})."
         )
-    offset = global_offset(
-        batch_size=settings.batch_size,
-        replica_id=replica_id,
-        num_replicas=num_replicas,
-        micro_batch=micro_batch,
-        micro_batches=micro_batches,
-    )
     return settings.weights(tf.shape(first)[0], step, offset)
 
 

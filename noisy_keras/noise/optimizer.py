@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._structures import dense
+from noisy_keras._structures import dense, replica_in_sync
 from noisy_keras.noise import draw, schedules
 
 CLIPPING_ARGUMENTS = ("clipnorm", "global_clipnorm", "clipvalue")
@@ -48,10 +48,7 @@ def _replicas_summing_gradients() -> int:
     gradients with SUM inside `apply`, when called in a replica context. In a
     cross-replica context (or with no strategy) nothing is summed.
     """
-    context = tf.distribute.get_replica_context()
-    if context is None:
-        return 1
-    return int(context.num_replicas_in_sync)
+    return replica_in_sync()[1]
 
 
 @keras.saving.register_keras_serializable(package="noisy_keras")

@@ -51,10 +51,7 @@ References:
 
 from __future__ import annotations
 
-import math
-import numbers
-
-from noisy_keras._validation import check_int
+from noisy_keras._validation import check_int, check_number
 from noisy_keras.optim import lr as lr_lib
 
 # Relative rounding below which (B / b) / m is taken as exactly 1 (a multiplier
@@ -65,17 +62,12 @@ __all__ = ["lr_multiplier_for_rule", "temperature_deficit"]
 
 
 def _check_lr_multiplier(lr_multiplier) -> float:
-    if (
-        isinstance(lr_multiplier, bool)
-        or not isinstance(lr_multiplier, numbers.Real)
-        or not math.isfinite(lr_multiplier)
-        or lr_multiplier <= 0
-    ):
-        raise ValueError(
-            "lr_multiplier must be a finite number > 0 (1 for no scaling, sqrt(B/b), B/b "
-            f"for linear); received lr_multiplier={lr_multiplier!r}."
-        )
-    return float(lr_multiplier)
+    return check_number(
+        "lr_multiplier",
+        lr_multiplier,
+        "a finite number > 0 (1 for no scaling, sqrt(B/b), B/b for linear)",
+        lambda v: v > 0,
+    )
 
 
 def temperature_deficit(batch_size: int, small_batch_size: int, lr_multiplier=1.0) -> float:

@@ -8,14 +8,13 @@ References:
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 
 import keras
 from keras import ops
 
 from noisy_keras._structures import dense
+from noisy_keras._validation import check_number
 
 
 def l2_norm(x):
@@ -241,14 +240,7 @@ class LARS(keras.optimizers.Optimizer):
 
 def _check_number(name, value, allowed, is_allowed):
     """Returns float(value) if it is a finite real number (not a bool) with is_allowed(value)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or not is_allowed(value)
-    ):
-        raise ValueError(f"`{name}` must be a finite number {allowed}; received {name}={value!r}.")
-    return float(value)
+    return check_number(name, value, f"a finite number {allowed}", is_allowed, label=f"`{name}`")
 
 
 def _check_bool(name, value):

@@ -26,6 +26,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from noisy_keras._validation import replica_share
 from noisy_keras.noise.registry import PAPER_ALPHA
 from noisy_keras.run import config_rules
 from noisy_keras.run.config_rules import (  # the allowed values, re-exported where callers look
@@ -253,7 +254,7 @@ def validate_config(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"Unknown {name}={value!r}; valid: {valid}.")
     for field in dataclasses.fields(TrainConfig):
         check_field(field.name, getattr(config, field.name))
-    if config.batch_size % config.accumulation_steps:
+    if replica_share(config.batch_size, micro_batches=config.accumulation_steps) is None:
         raise ValueError(
             f"batch_size={config.batch_size} is not divisible by "
             f"accumulation_steps={config.accumulation_steps}."

@@ -9,12 +9,11 @@ noise kind is added in one place. It imports neither TensorFlow nor Keras, nor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 # The names live with what they name (each package's registry, importing no TensorFlow).
-from noisy_keras._validation import is_int, is_number
+from noisy_keras._validation import is_finite_number, is_int, is_number
 from noisy_keras.data.registry import (
     DATASET_NAMES,
     DATASET_PREFIXES,
@@ -49,7 +48,7 @@ def _int_at_least(minimum: int) -> tuple[Callable, str]:
 
 
 def _finite_at_least_zero() -> tuple[Callable, str]:
-    return (lambda v: is_number(v) and math.isfinite(v) and v >= 0), "must be >= 0"
+    return (lambda v: is_finite_number(v) and v >= 0), "must be >= 0"
 
 
 def _one_of(names: tuple[str, ...]) -> tuple[Callable, str]:
@@ -72,7 +71,7 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "weight_decay": _finite_at_least_zero(),
     "batch_size": _int_at_least(1),
     "base_batch_size": _int_at_least(1),
-    "base_learning_rate": (lambda v: is_number(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "base_learning_rate": (lambda v: is_finite_number(v) and v > 0, "must be > 0"),
     "lr_scaling": _one_of(LR_SCALING_RULES),
     "warmup_epochs": _finite_at_least_zero(),
     "lr_decay_factor": (lambda v: is_number(v) and 0 < v <= 1, "must be in (0, 1]"),
@@ -105,7 +104,7 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "label_smoothing": (lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay_exclude_bn_bias": (lambda v: isinstance(v, bool), "must be true or false"),
     "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
-    "lars_eeta": (lambda v: is_number(v) and math.isfinite(v) and v > 0, "must be > 0"),
+    "lars_eeta": (lambda v: is_finite_number(v) and v > 0, "must be > 0"),
     "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
     # Mixed precision (multi-GPU with XLA)
     "precision": _one_of(PRECISION_CHOICES),

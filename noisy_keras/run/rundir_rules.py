@@ -14,33 +14,27 @@ The contract, decided by `check_workdir` before anything is created:
   files, and `.`, a parent of the current directory, the home directory or `/`,
   whatever they hold.
 
-The files themselves, and how they are written, are `run.rundir`.
+The files themselves, and their one writer `RunDir`, are `noisy_keras.engine.rundir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
+from noisy_keras.engine.rundir import RUN_FILES, RUN_MARKER, RunDir, is_temporary
 from noisy_keras.run import config as config_lib
-from noisy_keras.run.rundir import (
-    FLAGS_FILE,
-    METRICS_FILE,
-    RUN_FILES,
-    RUN_MARKER,
-    SUMMARY_FILE,
-    TEMPORARY_PREFIXES,
-    TEMPORARY_SUFFIXES,
-    atomic_write_text,
-    read_json,
-    read_metrics,
-    write_json,
-)
 
 ACTIONS = ("create", "resume", "overwrite", "done")
 
-__all__ = ["ACTIONS", "WorkdirPlan", "check_workdir", "make_workdir", "prepare_workdir"]
+__all__ = [
+    "ACTIONS",
+    "WorkdirPlan",
+    "check_workdir",
+    "make_workdir",
+    "prepare_workdir",
+    "read_run_config",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +66,6 @@ def _protected_reason(workdir: str) -> str | None:
     if target == home:
         return "it is the home directory"
     return None
-
-
-def _is_temporary(name: str) -> bool:
-    return name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES)
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
@@ -132,7 +122,7 @@ def check_workdir(
             + " (nothing was deleted)."
         )
     if overwrite:
-        foreign = [n for n in entries if n not in RUN_FILES and not _is_temporary(n)]
+        foreign = [n for n in entries if n not in RUN_FILES and not is_temporary(n)]
         if foreign:
             raise ValueError(
                 f"--overwrite refuses --workdir={workdir!r}: besides a run it holds files the "
@@ -140,7 +130,8 @@ def check_workdir(
                 "--workdir (nothing was deleted)."
             )
         return WorkdirPlan(workdir, "overwrite")
-    flagfile = os.path.join(workdir, FLAGS_FILE)
+    run_dir = RunDir(workdir)
+    flagfile = run_dir.flags_path
     # A field the saved flags lack was added to TrainConfig later: the run had its default.
     saved = {
         **config_lib.TrainConfig().flag_strings(),
@@ -159,24 +150,17 @@ def check_workdir(
             + "). Use another --workdir, or pass --overwrite to delete that run and "
             "start afresh (nothing was deleted)."
         )
-    trained = _epochs_trained(workdir)
+    trained = run_dir.epochs_recorded()
     if trained > config.epochs:
         raise ValueError(
             f"--workdir={workdir!r} holds a run already trained for {trained} epochs; "
             f"epochs={config.epochs} would not continue it. Pass --epochs >= {trained}, or "
             "--overwrite to start afresh (nothing was deleted)."
         )
-    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    summary = run_dir.read_summary()
     if summary and summary.get("status") == "done" and summary.get("epochs") == config.epochs:
         return WorkdirPlan(workdir, "done", summary=summary)
     return WorkdirPlan(workdir, "resume")
-
-
-def _epochs_trained(workdir: str) -> int:
-    """The last epoch in the run's metrics.csv (0 without one)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    rows = read_metrics(path) if os.path.exists(path) else []
-    return max((row["epoch"] for row in rows), default=0)
 
 
 def make_workdir(plan: WorkdirPlan, config: config_lib.TrainConfig) -> None:
@@ -185,25 +169,12 @@ def make_workdir(plan: WorkdirPlan, config: config_lib.TrainConfig) -> None:
     Writes the marker and flags.txt (flags.txt gets the new resumable fields on
     a resume). A "done" plan changes nothing.
     """
-    workdir = plan.workdir
     if plan.action == "done":
         return
+    run_dir = RunDir(plan.workdir)
     if plan.action == "overwrite":
-        for name in os.listdir(workdir):
-            if name not in RUN_FILES and not _is_temporary(name):
-                continue  # check_workdir refused these; never delete what the run did not write
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
-    marker = os.path.join(workdir, RUN_MARKER)
-    if not os.path.exists(marker):
-        write_json(marker, {"written_by": "noisy_keras", "contents": list(RUN_FILES)})
-    atomic_write_text(
-        os.path.join(workdir, FLAGS_FILE), config.to_flagfile() + f"--workdir={workdir}\n"
-    )
+        run_dir.remove_run_files()  # check_workdir refused a run holding anything else
+    run_dir.create(config.to_flagfile() + f"--workdir={plan.workdir}\n")
 
 
 def prepare_workdir(
@@ -219,6 +190,15 @@ def prepare_workdir(
     return plan
 
 
-# ---------------------------------------------------------------------------
-# metrics.csv
-# ---------------------------------------------------------------------------
+def read_run_config(workdir: str) -> config_lib.TrainConfig:
+    """The config a run was made with, from its flags.txt (less the `--workdir` line).
+
+    Fields the file lacks were added to `TrainConfig` after the run: it had their defaults.
+
+    Raises:
+        FileNotFoundError: the directory has no flags.txt.
+        ValueError: the file does not parse as a config.
+    """
+    values = config_lib.read_flagfile(RunDir(workdir).flags_path)
+    values.pop("workdir", None)
+    return config_lib.config_from_strings(values)

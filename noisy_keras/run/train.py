@@ -16,23 +16,21 @@ Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
 from noisy_keras import _extras
+from noisy_keras.engine.rundir import PLOT_FILE, RunDir
 from noisy_keras.run import _cli, device_policy, rundir_rules
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import flagfile as flagfile_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run.config import TrainConfig
 
 # Design: only `main()` reads FLAGS; it builds one validated, frozen `TrainConfig`
 # (`noisy_keras.run.config`) and calls `train(config)`, which tests and notebooks call
-# directly. `train` checks the run directory (`noisy_keras.run.rundir`), builds data,
+# directly. `train` checks the run directory (`noisy_keras.run.rundir_rules`), builds data,
 # schedule, optimizer and model (`noisy_keras.run.recipe`), and only then creates the
 # directory and trains with the engine (`noisy_keras.engine.fit.fit`).
 
@@ -116,19 +114,6 @@ def config_from_flags(flag_values) -> TrainConfig:
     return config_lib.config_from_values(values)
 
 
-def _epochs_in_checkpoint(workdir: str) -> int:
-    """Epochs completed by the run's latest checkpoint (0 without one).
-
-    `noisy_keras.engine.checkpointing.Checkpointer` numbers checkpoints by the epochs
-    they completed: ckpt-3 holds the state after three epochs.
-    """
-    import tensorflow as tf
-
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
-    match = re.search(r"-(\d+)$", latest or "")
-    return int(match.group(1)) if match else 0
-
-
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
@@ -155,7 +140,7 @@ def train(
     Args:
         config: the run configuration (validated here).
         workdir: run directory; None uses `config.default_workdir()`.
-        overwrite: replace the run in `workdir` (see `noisy_keras.run.rundir`).
+        overwrite: replace the run in `workdir` (see `noisy_keras.run.rundir_rules`).
         log: where the one-line notices go (resuming, ...); None for silence.
 
     Returns:
@@ -245,19 +230,17 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
     schedule = recipe.make_schedule(config, updates_per_epoch)
 
     rundir_rules.make_workdir(plan, config)  # everything above is checked: now create
-    resume_from = _epochs_in_checkpoint(workdir) if plan.action == "resume" else 0
-    workdir_lib.write_status(workdir, "running", epochs_completed=resume_from)
+    run_dir = RunDir(workdir)
+    resume_from = run_dir.epochs_checkpointed() if plan.action == "resume" else 0
+    run_dir.write_status("running", epochs_completed=resume_from)
     if resume_from:
         log(
             f"noisy_keras.train: resuming {workdir} at epoch {resume_from + 1} of "
             f"{config.epochs} (its checkpoint holds epochs 1-{resume_from})"
         )
-    metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     callbacks = [
-        workdir_lib.metrics_csv_callback(metrics_path),
-        keras.callbacks.TensorBoard(
-            os.path.join(workdir, workdir_lib.TENSORBOARD_DIR), write_graph=False
-        ),
+        run_dir.metrics_callback(),
+        keras.callbacks.TensorBoard(run_dir.tensorboard_dir, write_graph=False),
         _cli.interrupt_callback(),
     ]
     try:
@@ -272,7 +255,7 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
                 ),
                 epochs=config.epochs,
                 steps_per_epoch=steps_per_epoch,
-                workdir=workdir,
+                workdir=run_dir,
                 validation_data=dataset.val_batches(eval_batch_size),
                 callbacks=callbacks,
                 strategy=strategy,
@@ -280,11 +263,10 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
                 accumulation_steps=config.accumulation_steps,
                 verbose=verbose,
             )
-        return _report(config, workdir, result, dataset, eval_batch_size, policy, log)
+        return _report(config, run_dir, result, dataset, eval_batch_size, policy, log)
     except KeyboardInterrupt:
-        completed = _epochs_in_checkpoint(workdir)
-        workdir_lib.write_status(
-            workdir,
+        completed = run_dir.epochs_checkpointed()
+        run_dir.write_status(
             "interrupted",
             epochs_completed=completed,
             message=f"stopped in epoch {completed + 1}; rerun the same command to resume "
@@ -292,20 +274,18 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
         )
         raise
     except Exception as error:
-        workdir_lib.write_status(
-            workdir,
+        run_dir.write_status(
             "failed",
-            epochs_completed=_epochs_in_checkpoint(workdir),
+            epochs_completed=run_dir.epochs_checkpointed(),
             message=_first_line(error),
         )
         raise
 
 
-def _report(config, workdir, result, dataset, batch_size, policy, log) -> dict:
+def _report(config, run_dir, result, dataset, batch_size, policy, log) -> dict:
     """After training: evaluates each whole split, saves the model, plots, writes the summary."""
-    metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-    rows = workdir_lib.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-    summary = {"workdir": workdir, "status": result.status, "message": result.message}
+    rows = run_dir.read_metrics()
+    summary = {"workdir": run_dir.path, "status": result.status, "message": result.message}
     summary["device_policy"] = policy
     if result.status == "done":
         model = result.model
@@ -313,7 +293,7 @@ def _report(config, workdir, result, dataset, batch_size, policy, log) -> dict:
             dataset.train_eval_batches(batch_size), verbose=0, return_dict=True
         )
         val_eval = model.evaluate(dataset.val_batches(batch_size), verbose=0, return_dict=True)
-        model.save(os.path.join(workdir, workdir_lib.MODEL_FILE))
+        model.save(run_dir.model_path)
         summary.update(
             epochs=config.epochs,
             train_accuracy=float(train_eval["accuracy"]),
@@ -332,14 +312,14 @@ def _report(config, workdir, result, dataset, batch_size, policy, log) -> dict:
         try:
             from noisy_keras.analysis import plots
         except _extras.MissingExtraError as error:  # the core install: no figure, say why
-            log(f"noisy_keras.train: no {workdir_lib.PLOT_FILE}: {error}")
+            log(f"noisy_keras.train: no {PLOT_FILE}: {error}")
         else:
             plots.plot_accuracy_curves(
                 {f"B={config.batch_size}": rows},
-                os.path.join(workdir, workdir_lib.PLOT_FILE),
+                run_dir.plot_path,
                 title=run_title(config),
             )
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
+    run_dir.write_summary(summary)
     return summary
 
 
@@ -408,7 +388,7 @@ def main(argv) -> int:
             print(f"noisy_keras.train: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            status = workdir_lib.read_status(workdir) if workdir else None
+            status = RunDir(workdir).read_status() if workdir else None
             where = (
                 f"; {status['message']} ({workdir})"
                 if status and status.get("status") == "interrupted"

@@ -38,10 +38,10 @@ import time
 from absl import app, flags
 
 from noisy_keras import _extras
+from noisy_keras.engine.rundir import RunDir
 from noisy_keras.run import _cli
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import flagfile as flagfile_lib
-from noisy_keras.run import rundir as workdir_lib
 from noisy_keras.run import train as train_lib
 from noisy_keras.study import reports
 from noisy_keras.study.grid import (  # noqa: F401  (re-exported: the runner's names before the split)
@@ -72,7 +72,7 @@ def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
 
     dataset = recipe.load_data(config)
     x, y = dataset.train_sample(min(SHARPNESS_EXAMPLES, dataset.num_train))
-    model = keras.models.load_model(os.path.join(workdir, workdir_lib.MODEL_FILE), compile=False)
+    model = keras.models.load_model(RunDir(workdir).model_path, compile=False)
     result = hessian.hessian_eigenvalues(
         model, (x, y), k=1, max_iterations=60, tolerance=1e-3, seed=0
     )
@@ -87,15 +87,14 @@ def run_cell_seed(
 
     config = cell_config(cell, seed, overrides, same_updates)
     workdir = run_dir(out, cell, seed)
-    summary_path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
-    summary = workdir_lib.read_json(summary_path)
+    summary = RunDir(workdir).read_summary()
     if summary is None or summary.get("status") != "done":
         keras.utils.clear_session()
         summary = train_lib.train(config, workdir, log=log)
     if summary["status"] == "done" and "sharpness" not in summary:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
-        workdir_lib.write_json(summary_path, summary)
+        RunDir(workdir).write_summary(summary)
     return reports.run_row(cell, seed, summary, workdir, config)
 
 

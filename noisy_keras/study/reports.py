@@ -23,8 +23,9 @@ import math
 import os
 
 from noisy_keras import _extras
+from noisy_keras.engine.rundir import SUMMARY_FILE, RunDir, write_csv
 from noisy_keras.run import config as config_lib
-from noisy_keras.run import rundir as workdir_lib
+from noisy_keras.run.rundir_rules import read_run_config
 from noisy_keras.study import grid as grid_lib
 
 METRICS = ("val_accuracy", "train_accuracy", "gap", "sharpness", "wall_time_s")
@@ -64,14 +65,13 @@ def collect_rows(out: str) -> list[dict]:
     are collected alike.
     """
     rows = []
-    pattern = os.path.join(out, "runs", "*", "seed*", workdir_lib.SUMMARY_FILE)
+    pattern = os.path.join(out, "runs", "*", "seed*", SUMMARY_FILE)
     for summary_path in glob.glob(pattern):
         workdir = os.path.dirname(summary_path)
-        summary = workdir_lib.read_json(summary_path)
-        flags_path = os.path.join(workdir, workdir_lib.FLAGS_FILE)
-        if summary is None or not os.path.exists(flags_path):
+        summary = RunDir(workdir).read_summary()
+        if summary is None or not os.path.exists(RunDir(workdir).flags_path):
             continue
-        config = workdir_lib.read_run_config(workdir)
+        config = read_run_config(workdir)
         cell = grid_lib.cell_of_run(workdir, config)
         rows.append(run_row(cell, config.seed, summary, workdir, config))
     rows.sort(
@@ -150,7 +150,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     keys = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
-    workdir_lib.write_csv(path, rows, keys)
+    write_csv(path, rows, keys)
 
 
 def _what(rows: list[dict]) -> str:
@@ -194,9 +194,7 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
         for r in done:
             if r["batch_size"] == largest:
                 name = r["legend"]
-                curves.setdefault(name, []).append(
-                    workdir_lib.read_metrics(os.path.join(r["workdir"], workdir_lib.METRICS_FILE))
-                )
+                curves.setdefault(name, []).append(RunDir(r["workdir"]).read_metrics())
         path = os.path.join(out, f"noise_{base}_b{largest}.png")
         plots.plot_noise_comparison(
             curves, path, title=f"{base}: {what}, B={largest}, mean over seeds, 95% CI"
@@ -310,7 +308,7 @@ def noise_temperature_rows(
     done = [r for r in rows if r["status"] == "done"]
     configs = {}
     for r in done:
-        configs.setdefault(r["cell"], workdir_lib.read_run_config(r["workdir"]))
+        configs.setdefault(r["cell"], read_run_config(r["workdir"]))
     at_runs = [r for r in done if r["cell"] == at_cell]
     if not at_runs:
         raise ValueError(
@@ -319,7 +317,7 @@ def noise_temperature_rows(
         )
     out = []
     for run in at_runs:
-        run_config = workdir_lib.read_run_config(run["workdir"])
+        run_config = read_run_config(run["workdir"])
         dataset = recipe.load_data(run_config)
         x, y = dataset.train_sample(min(dataset.num_train, max_examples or dataset.num_train))
         for point in ("init", "final"):
@@ -327,8 +325,7 @@ def noise_temperature_rows(
             if point == "init":
                 model = recipe.make_model(run_config, dataset)
             else:
-                path = os.path.join(run["workdir"], workdir_lib.MODEL_FILE)
-                model = keras.models.load_model(path, compile=False)
+                model = keras.models.load_model(RunDir(run["workdir"]).model_path, compile=False)
             gradients = gradient_noise.per_example_gradients(model, x, y)
             for cell, config in configs.items():
                 kind, small = _cell_noise(config)

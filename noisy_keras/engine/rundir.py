@@ -1,6 +1,7 @@
-"""The run directory: the files a run writes, how they are written, and who may replace them.
+"""The run directory: the files a run writes, and `RunDir`, the one writer of them.
 
-A run of the main job owns one directory:
+A run owns one directory. `noisy_keras.engine.fit.fit(workdir=...)` keeps its
+checkpoints and status there; the main job adds the rest:
 
     .noisy_keras_run the marker: this directory is a run the package made (see below)
     flags.txt        the resolved flags; `--flagfile=WORKDIR/flags.txt` reruns the run
@@ -12,7 +13,13 @@ A run of the main job owns one directory:
     accuracy.png     training (dotted) and validation (solid) accuracy, as in the paper's Fig. 4
     summary.json     final numbers, also printed as one line
 
-Who may create, resume or replace a run directory is `run.rundir_rules`.
+`RunDir` names every file and writes the bookkeeping ones (marker, flags,
+status, metrics, summary); the model, the figure, the TensorBoard logs and the
+checkpoints are written by their producers at the paths it gives. Who may
+create, resume or replace a run directory is the main job's rule,
+`noisy_keras.run.rundir_rules`. The module sits in the engine package because
+the engine's `fit` is itself a resumable run in a directory: the directory's
+one writer has to be importable from there.
 
 Epochs are counted from 1 everywhere (metrics.csv, plots, summary, log lines,
 like Keras' progress bar): the row of epoch e describes the e-th epoch. Its
@@ -27,18 +34,19 @@ Every file is replaced atomically (`atomic_write_text`): a reader sees the old
 or the new file, never a part of one.
 
 This module imports neither TensorFlow nor Keras at import time (the metrics
-callback imports Keras when it is made).
+callback imports Keras when it is made, the checkpoint count TensorFlow when
+it is read).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
-
-from noisy_keras.run import config as config_lib
 
 RUN_MARKER = ".noisy_keras_run"
 FLAGS_FILE = "flags.txt"
@@ -82,15 +90,12 @@ __all__ = [
     "RUN_FILES",
     "RUN_MARKER",
     "STATUSES",
+    "RunDir",
     "atomic_write_text",
-    "metrics_csv_callback",
     "read_json",
     "read_metrics",
-    "read_run_config",
-    "read_status",
     "write_csv",
     "write_json",
-    "write_status",
 ]
 
 
@@ -131,35 +136,6 @@ def read_json(path: str):
         return json.load(f)
 
 
-def write_status(workdir: str, status: str, **details) -> None:
-    """Writes `{"status": status, **details}` to `workdir/status.json`, atomically.
-
-    Args:
-        workdir: the run's directory.
-        status: one of `STATUSES`: "running" while a process trains it, then
-            one of `FINAL_STATUSES`.
-        **details: JSON-serialisable extras (epoch, message, ...).
-
-    Raises:
-        ValueError: `status` is not one of the allowed values.
-    """
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}; received {status!r}.")
-    atomic_write_text(
-        os.path.join(workdir, STATUS_FILE), json.dumps({"status": status, **details}, indent=1)
-    )
-
-
-def read_status(workdir: str) -> dict | None:
-    """The run's status written by `write_status`, or None if there is none."""
-    return read_json(os.path.join(workdir, STATUS_FILE))
-
-
-# ---------------------------------------------------------------------------
-# Who may use a directory: check first (touching nothing), then act
-# ---------------------------------------------------------------------------
-
-
 def write_csv(path: str, rows: list, columns=METRICS_COLUMNS) -> None:
     """Writes `rows` (dicts) under a header of `columns` atomically (a temporary file, renamed)."""
     tmp = f"{path}.tmp"
@@ -168,20 +144,6 @@ def write_csv(path: str, rows: list, columns=METRICS_COLUMNS) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
-
-
-def read_run_config(workdir: str) -> config_lib.TrainConfig:
-    """The config a run was made with, from its flags.txt (less the `--workdir` line).
-
-    Fields the file lacks were added to `TrainConfig` after the run: it had their defaults.
-
-    Raises:
-        FileNotFoundError: the directory has no flags.txt.
-        ValueError: the file does not parse as a config.
-    """
-    values = config_lib.read_flagfile(os.path.join(workdir, FLAGS_FILE))
-    values.pop("workdir", None)
-    return config_lib.config_from_strings(values)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -200,19 +162,154 @@ def read_metrics(path: str) -> list[dict]:
     return out
 
 
-def metrics_csv_callback(path: str):
-    """A Keras callback that appends one row per epoch to `path` (see `METRICS_COLUMNS`).
+def is_temporary(name: str) -> bool:
+    """Whether `name` is a temporary file a killed write may leave in a run directory."""
+    return name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES)
 
-    Row of epoch e (1-based): Keras' epoch logs (per-epoch training metrics are
-    its running mean over the epoch), the gap = accuracy - val_accuracy, the
-    learning rate and noise sigma of the epoch's first update (read when the
-    epoch begins, `noisy_keras.noise.optimizer.current_noise_stddev` unwrapping any
-    LossScaleOptimizer), and the training wall time so far. It survives resume:
-    when training (re)starts at epoch e, the rows of epochs >= e (to be
-    trained again) are dropped first, and the wall time continues from the row
-    of epoch e - 1. An epoch cut short (a stop before its last batch, or an
-    exception) gets no row.
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """One run's directory: the path of each of its files, and the one writer of them.
+
+    Attributes:
+        path: the directory (it need not exist yet).
+
+    Example:
+        >>> run = RunDir("runs/a")
+        >>> run.read_status()
+        {'status': 'done', 'epochs_completed': 30, ...}
     """
+
+    path: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", os.fspath(self.path))
+
+    def file(self, name: str) -> str:
+        """The path of `name` (one of `RUN_FILES`) in the directory."""
+        if name not in RUN_FILES:
+            raise ValueError(f"name must be one of {RUN_FILES}; received {name!r}.")
+        return os.path.join(self.path, name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.file(CHECKPOINT_DIR)
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.file(TENSORBOARD_DIR)
+
+    @property
+    def metrics_path(self) -> str:
+        return self.file(METRICS_FILE)
+
+    @property
+    def model_path(self) -> str:
+        return self.file(MODEL_FILE)
+
+    @property
+    def plot_path(self) -> str:
+        return self.file(PLOT_FILE)
+
+    @property
+    def flags_path(self) -> str:
+        return self.file(FLAGS_FILE)
+
+    # -- creating and emptying ---------------------------------------------------------------
+
+    def is_run(self) -> bool:
+        """Whether the directory holds the marker: a run the package made."""
+        return os.path.exists(self.file(RUN_MARKER))
+
+    def create(self, flags: str) -> None:
+        """Creates the directory with its marker (kept if there) and writes flags.txt."""
+        os.makedirs(self.path, exist_ok=True)
+        if not self.is_run():
+            write_json(
+                self.file(RUN_MARKER), {"written_by": "noisy_keras", "contents": list(RUN_FILES)}
+            )
+        atomic_write_text(self.flags_path, flags)
+
+    def remove_run_files(self) -> None:
+        """Deletes what a run writes (`RUN_FILES` and temporary files), and nothing else."""
+        for name in os.listdir(self.path):
+            if name not in RUN_FILES and not is_temporary(name):
+                continue  # never delete what the run did not write
+            path = os.path.join(self.path, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+    # -- status and summary ------------------------------------------------------------------
+
+    def write_status(self, status: str, **details) -> None:
+        """Writes `{"status": status, **details}` to status.json, atomically.
+
+        Args:
+            status: one of `STATUSES`: "running" while a process trains it, then
+                one of `FINAL_STATUSES`.
+            **details: JSON-serialisable extras (epochs_completed, message, ...).
+
+        Raises:
+            ValueError: `status` is not one of the allowed values.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}; received {status!r}.")
+        atomic_write_text(
+            self.file(STATUS_FILE), json.dumps({"status": status, **details}, indent=1)
+        )
+
+    def read_status(self) -> dict | None:
+        """The status written by `write_status`, or None if there is none."""
+        return read_json(self.file(STATUS_FILE))
+
+    def write_summary(self, summary: dict) -> None:
+        """Writes the run's final numbers to summary.json, atomically."""
+        write_json(self.file(SUMMARY_FILE), summary)
+
+    def read_summary(self) -> dict | None:
+        """The summary written by `write_summary`, or None if there is none."""
+        return read_json(self.file(SUMMARY_FILE))
+
+    # -- epochs --------------------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict]:
+        """The rows of metrics.csv (see `read_metrics`); [] without the file."""
+        path = self.metrics_path
+        return read_metrics(path) if os.path.exists(path) else []
+
+    def epochs_recorded(self) -> int:
+        """The last epoch with a row in metrics.csv (0 without one): what the run trained.
+
+        Needs no TensorFlow. A row is written when its epoch ends, just before
+        the epoch's checkpoint, so this can be one ahead of `epochs_checkpointed`.
+        """
+        return max((row["epoch"] for row in self.read_metrics()), default=0)
+
+    def epochs_checkpointed(self) -> int:
+        """Epochs completed by the latest checkpoint (0 without one): where a resume starts."""
+        from noisy_keras.engine import checkpointing  # TensorFlow, only when asked
+
+        return checkpointing.checkpointed_epochs(self.checkpoint_dir)
+
+    def metrics_callback(self):
+        """A Keras callback that appends one row per epoch to metrics.csv (`METRICS_COLUMNS`).
+
+        Row of epoch e (1-based): Keras' epoch logs (per-epoch training metrics
+        are its running mean over the epoch), the gap = accuracy - val_accuracy,
+        the learning rate and noise sigma of the epoch's first update (read when
+        the epoch begins, `noisy_keras.noise.optimizer.current_noise_stddev`
+        unwrapping any LossScaleOptimizer), and the training wall time so far.
+        It survives resume: when training (re)starts at epoch e, the rows of
+        epochs >= e (to be trained again) are dropped first, and the wall time
+        continues from the row of epoch e - 1. An epoch cut short (a stop before
+        its last batch, or an exception) gets no row.
+        """
+        return _metrics_csv_callback(self.metrics_path)
+
+
+def _metrics_csv_callback(path: str):
     import keras
 
     from noisy_keras.noise.optimizer import current_noise_stddev
