@@ -82,14 +82,11 @@ if not _help_requested():
     from noisy_keras.models.layers import GhostBatchNormalization
     from noisy_keras.models.losses import SmoothedSparseCategoricalCrossentropy
     from noisy_keras.models.zoo import build_model
+    from noisy_keras.noise.chain import current_noise_stddev, find_noisy_optimizer
     from noisy_keras.noise.draw import unit_noise
     from noisy_keras.noise.matched import MatchedNoiseOptimizer
     from noisy_keras.noise.multiplicative import enable_multiplicative_noise
-    from noisy_keras.noise.optimizer import (
-        NoisyOptimizer,
-        current_noise_stddev,
-        find_noisy_optimizer,
-    )
+    from noisy_keras.noise.optimizer import NoisyOptimizer
     from noisy_keras.noise.schedules import PAPER_ALPHA, PAPER_GAMMA, noise_stddev, noise_variance
     from noisy_keras.noise.temperature import temperature_deficit
     from noisy_keras.optim.lars import LARS

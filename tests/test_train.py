@@ -14,7 +14,8 @@ from absl import flags
 
 from noisy_keras.data import datasets
 from noisy_keras.engine import rundir as workdir_lib
-from noisy_keras.noise.optimizer import NoisyOptimizer, current_noise_stddev
+from noisy_keras.noise.chain import current_noise_stddev
+from noisy_keras.noise.optimizer import NoisyOptimizer
 from noisy_keras.optim import schedule as schedule_lib
 from noisy_keras.run import _cli
 from noisy_keras.run import config as config_lib

@@ -61,8 +61,8 @@ from noisy_keras._structures import batch_size, dense_all, replica_in_sync
 from noisy_keras.models.layers import GhostBatchNormalization
 from noisy_keras.noise import matched as matched_noise
 from noisy_keras.noise import multiplicative
+from noisy_keras.noise.chain import find_wrapper
 from noisy_keras.noise.matched import MatchedNoiseOptimizer
-from noisy_keras.noise.optimizer import find_wrapper
 
 __all__ = [
     "EngineNoise",

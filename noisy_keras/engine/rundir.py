@@ -299,7 +299,7 @@ class RunDir:
         Row of epoch e (1-based): Keras' epoch logs (per-epoch training metrics
         are its running mean over the epoch), the gap = accuracy - val_accuracy,
         the learning rate and noise sigma of the epoch's first update (read when
-        the epoch begins, `noisy_keras.noise.optimizer.current_noise_stddev`
+        the epoch begins, `noisy_keras.noise.chain.current_noise_stddev`
         unwrapping any LossScaleOptimizer), and the training wall time so far.
         It survives resume: when training (re)starts at epoch e, the rows of
         epochs >= e (to be trained again) are dropped first, and the wall time
@@ -312,7 +312,7 @@ class RunDir:
 def _metrics_csv_callback(path: str):
     import keras
 
-    from noisy_keras.noise.optimizer import current_noise_stddev
+    from noisy_keras.noise.chain import current_noise_stddev
 
     class MetricsCSV(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):

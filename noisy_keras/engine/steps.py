@@ -37,7 +37,7 @@ from noisy_keras.engine.state import (
     values,
 )
 from noisy_keras.noise import multiplicative
-from noisy_keras.noise.optimizer import optimizer_accumulation_steps
+from noisy_keras.noise.chain import optimizer_accumulation_steps
 
 __all__ = [
     "ATTRIBUTE",

@@ -59,7 +59,7 @@ import tensorflow as tf
 
 from noisy_keras._validation import check_int, check_number
 from noisy_keras.noise import temperature
-from noisy_keras.noise.optimizer import NoisyOptimizer
+from noisy_keras.noise.optimizer import GradientNoiseWrapper
 
 DEFAULT_EMA_DECAY = 0.99
 
@@ -232,7 +232,7 @@ def _check_ema_decay(ema_decay) -> float:
 
 
 @keras.saving.register_keras_serializable(package="noisy_keras")
-class MatchedNoiseOptimizer(NoisyOptimizer):
+class MatchedNoiseOptimizer(GradientNoiseWrapper):
     """White noise with the trace of the gradient noise a large batch lacks.
 
     At update t every gradient coordinate gets n_t ~ N(0, sigma_t^2),
@@ -244,19 +244,23 @@ class MatchedNoiseOptimizer(NoisyOptimizer):
     d the number of parameters the noise reaches, B the batch of an update, b the
     small batch whose noise temperature is the target and m the learning rate's
     multiplier at B (see `noisy_keras.noise.matched` and `temperature`). All
-    else is `NoisyOptimizer`'s: the draw is `unit_noise(shapes, seed, t) *
+    else is the noise wrapper's (`noisy_keras.noise.optimizer.GradientNoiseWrapper`,
+    as for `NoisyOptimizer`): the draw is `unit_noise(shapes, seed, t) *
     sigma_t`, each replica adds it divided by R before the SUM all-reduce, once
-    per update. With s^2 = 0 nothing is added and updates are bit-identical to
-    the inner optimizer's.
+    per update; clipping is taken over the same way. With s^2 = 0 nothing is
+    added and updates are bit-identical to the inner optimizer's.
 
     The estimate comes from the training loop, which alone sees the gradients
     of several groups of examples: call `observe_covariance_trace(estimate)`
     once per update before `apply`, with the same value on every replica (e.g.
     each replica's `covariance_trace_estimate`, all-reduced to their mean).
     Keras' own `model.fit` does not, so `apply` refuses to add noise if it was
-    never called. The moving average lives in two optimizer variables
-    (`covariance_trace_ema` and `ema_decay_power`), saved and restored with
-    the optimizer; the inherited `alpha` and `gamma` are unused (0).
+    never called. All its state is saved and restored with the optimizer: the
+    moving average lives in two optimizer variables (`covariance_trace_ema`
+    and `ema_decay_power`), the settings in its config. The "observed" flag is
+    not state: it records, while a training step is being built, that the loop
+    feeds estimates, and a restored optimizer sets it again at the first
+    `observe_covariance_trace` of its loop.
 
     Args:
         optimizer: the Keras optimizer to wrap (see `NoisyOptimizer`).
@@ -306,7 +310,7 @@ class MatchedNoiseOptimizer(NoisyOptimizer):
             )
         deficit = temperature.temperature_deficit(batch_size, small_batch_size, lr_multiplier)
         ema_decay = _check_ema_decay(ema_decay)
-        super().__init__(optimizer, alpha=0.0, gamma=0.0, seed=seed, name=name, **kwargs)
+        super().__init__(optimizer, seed=seed, name=name, **kwargs)
         self.batch_size = int(batch_size)
         self.small_batch_size = int(small_batch_size)
         self.lr_multiplier = float(lr_multiplier)
@@ -415,16 +419,10 @@ class MatchedNoiseOptimizer(NoisyOptimizer):
             )
         super().apply(grads, trainable_variables)
 
-    # ---- Serialization --------------------------------------------------------------
-
-    def get_config(self):
+    def _kind_config(self) -> dict:
         return {
-            "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "batch_size": self.batch_size,
             "small_batch_size": self.small_batch_size,
             "lr_multiplier": self.lr_multiplier,
-            "seed": self.seed,
             "ema_decay": self.ema_decay,
-            **self.clipping,
         }

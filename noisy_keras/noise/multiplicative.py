@@ -59,7 +59,7 @@ import tensorflow as tf
 from noisy_keras._structures import replica_in_sync
 from noisy_keras._validation import check_int, check_number, replica_share
 from noisy_keras.noise import draw, schedules, temperature
-from noisy_keras.noise.optimizer import optimizer_accumulation_steps
+from noisy_keras.noise.chain import optimizer_accumulation_steps
 
 # High 32 bits of the Philox key of the example weights ("mult" in ASCII).
 WEIGHTS_KEY_SALT = 0x6D756C74
