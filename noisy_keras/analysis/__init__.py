@@ -32,16 +32,10 @@ from noisy_keras.analysis.gradient_noise import (
     variance_factor,
 )
 from noisy_keras.analysis.hessian import (
-    EigenResult,
     HessianOperator,
-    TraceEstimate,
     hessian_eigenvalues,
     hessian_trace,
     hessian_vector_product,
-    hutchinson_trace,
-    lanczos,
-    power_iteration,
-    top_eigenvalue_power,
 )
 from noisy_keras.analysis.interpolation import (
     InterpolationResult,
@@ -70,6 +64,14 @@ from noisy_keras.analysis.sharpness import (
     loss_and_gradient_function,
     random_subspace,
     sharpness_of_function,
+)
+from noisy_keras.analysis.spectral import (
+    EigenResult,
+    TraceEstimate,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    top_eigenvalue_power,
 )
 from noisy_keras.analysis.stats import Summary, summarize
 

@@ -17,7 +17,7 @@ Epoch order, a function of (seed, epoch):
 * folder: exactly as in memory. The stratified 3:1 split is
   `noisy_keras.data.pipeline.stratified_split` of the labels (from the folder names)
   with `seed`; epoch e visits the training files in
-  `noisy_keras.data.pipeline.epoch_order(num_train, seed, e)`, so a streamed folder
+  `noisy_keras.data.epochs.epoch_order(num_train, seed, e)`, so a streamed folder
   gives bit for bit the batches of the same folder held in memory (with the
   default ``resize`` preprocessing).
 * TFDS (no random access into its record files): each epoch opens a reader
@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_keras._validation import check_int
-from noisy_keras.data.pipeline import check_batches_per_epoch, epoch_order, epoch_stream
+from noisy_keras.data.epochs import check_batches_per_epoch, epoch_order, epoch_stream
 from noisy_keras.data.preprocessing import (
     decode_image,
     normalize,

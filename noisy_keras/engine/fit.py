@@ -26,7 +26,8 @@ import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
 from noisy_keras._validation import check_positive_int, replica_share
-from noisy_keras.data import pipeline as data
+from noisy_keras.data.epochs import epoch_stream
+from noisy_keras.data.shards import ShardedEpochs
 from noisy_keras.engine import checkpointing, distribute
 from noisy_keras.engine import steps as replica_xla
 from noisy_keras.engine.rundir import RunDir
@@ -111,23 +112,23 @@ def split_global_batch(
 def train_stream(train_data, strategy, first_epoch: int, epochs: int, steps_per_epoch: int):
     """What `fit` trains on: epochs `first_epoch..epochs-1` of `train_data`, for `model.fit`.
 
-    Rule: a `noisy_keras.data.pipeline.ShardedEpochs` (e.g. `train_epochs` of a
+    Rule: a `noisy_keras.data.shards.ShardedEpochs` (e.g. `train_epochs` of a
     dataset) on several replicas becomes per-worker input,
     `strategy.distribute_datasets_from_function`: each worker's pipeline reads
     only its replicas' slices of every global batch (`steps_per_epoch` x its
     local replicas per-replica batches per epoch). Anything else is one stream
-    of global batches (`noisy_keras.data.pipeline.epoch_stream`), which Keras splits
+    of global batches (`noisy_keras.data.epochs.epoch_stream`), which Keras splits
     over the replicas (and, with several workers, auto-shards).
 
     Returns:
         A `tf.data.Dataset` or a `tf.distribute.DistributedDataset`.
     """
-    if isinstance(train_data, data.ShardedEpochs) and strategy.num_replicas_in_sync > 1:
+    if isinstance(train_data, ShardedEpochs) and strategy.num_replicas_in_sync > 1:
 
         def pipeline(input_context):
             epochs_of_pipeline = train_data.for_pipeline(input_context)
             per_epoch = steps_per_epoch * epochs_of_pipeline.shard.local_replicas
-            return data.epoch_stream(
+            return epoch_stream(
                 epochs_of_pipeline,
                 first_epoch=first_epoch,
                 epochs=epochs,
@@ -135,7 +136,7 @@ def train_stream(train_data, strategy, first_epoch: int, epochs: int, steps_per_
             )
 
         return strategy.distribute_datasets_from_function(pipeline)
-    return data.epoch_stream(
+    return epoch_stream(
         train_data, first_epoch=first_epoch, epochs=epochs, batches_per_epoch=steps_per_epoch
     )
 
@@ -225,7 +226,7 @@ def fit(
 
     Exact resume needs the epoch-e batches to be a function of e: pass
     `train_data` as a function `epoch -> tf.data.Dataset` (e.g.
-    `noisy_keras.data.pipeline.epoch_batches(...)` or
+    `noisy_keras.data.epochs.epoch_batches(...)` or
     `noisy_keras.data.pipeline.ClassificationData.train_epochs`),
     or a deterministic `tf.data.Dataset`, which is repeated and fast-forwarded
     by `initial_epoch * steps_per_epoch` batches on resume. For bit-identical results also call
@@ -265,7 +266,7 @@ def fit(
 
     Example:
         >>> strategy = make_strategy("mirrored")
-        >>> result = fit(build_and_compile, data.epoch_batches((x, y), batch_size=256, seed=0),
+        >>> result = fit(build_and_compile, epoch_batches((x, y), batch_size=256, seed=0),
         ...              epochs=30, steps_per_epoch=len(x) // 256, workdir="runs/a",
         ...              strategy=strategy)
         >>> result.status

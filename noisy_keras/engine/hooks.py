@@ -337,7 +337,7 @@ class EngineNoise:
             m = noise.micro_batch
             previous = None
             if m > 0:
-                previous = [a.read_value() for a in self._steps.accumulators]
+                previous = [a.read_value() for a in self._steps.accumulator.variables]
             spread = matched_noise.streaming_spread_update(
                 self.spread.read_value() if m > 0 else 0.0,
                 None if previous is None else [tf.cast(p, tf.float32) for p in previous],

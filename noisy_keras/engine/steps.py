@@ -24,11 +24,11 @@ import tensorflow as tf
 from noisy_keras import _keras_internals as internals
 from noisy_keras._structures import batch_size, dense_all
 from noisy_keras._validation import check_int
+from noisy_keras.engine import accumulation
 from noisy_keras.engine import hooks as noise_hooks
+from noisy_keras.engine.cores import StatelessCores
 from noisy_keras.engine.state import (
     assign,
-    changed,
-    check_state_unchanged_in_length,
     mean_over_replicas,
     seed_state_positions,
     shift_seeds,
@@ -82,94 +82,29 @@ class _ReplicaXLASteps:
     regularizer terms the same way), and `optimizer.scale_loss` is applied to
     it (mixed precision).
 
-    Gradient accumulation over k steps (Keras' own `gradient_accumulation_steps`
-    calls `merge_call` inside a `tf.cond` and fails under MirroredStrategy)
-    is done here: k-1 "accumulate" steps add each replica's gradients to
-    replica-local accumulators, and every k-th "update" step applies the
-    average (accumulated + current) / k with `optimizer.apply`, which
-    all-reduces it. Which of the two compiled steps runs is decided on the
-    host, so no synchronisation point sits inside control flow.
+    Gradient accumulation over k steps (`noisy_keras.engine.accumulation`):
+    k-1 "accumulate" steps add each replica's gradients to replica-local
+    accumulators, and every k-th "update" step applies their average with
+    `optimizer.apply`; the host picks which compiled step runs.
     """
 
     def __init__(self, model: keras.Model, jit_compile: bool = True, accumulation_steps: int = 1):
         self.model = model
         self.jit_compile = jit_compile
         self.accumulation_steps = accumulation_steps
-        self.accumulators = None
-        if accumulation_steps > 1:
-            # Replica-local (ON_READ) accumulators: each replica sums its own gradients.
-            with model.distribute_strategy.scope():
-                self.accumulators = [
-                    tf.Variable(
-                        tf.zeros(v.shape, v.dtype),
-                        trainable=False,
-                        synchronization=tf.VariableSynchronization.ON_READ,
-                        aggregation=tf.VariableAggregation.SUM,
-                        name="gradient_accumulator",
-                    )
-                    for v in model.trainable_variables
-                ]
+        # The engine's gradient accumulation (engine.accumulation), for k > 1.
+        self.accumulator = (
+            accumulation.GradientAccumulator(model, accumulation_steps)
+            if accumulation_steps > 1
+            else None
+        )
+        # The pure, compiled functions of each replica (engine.cores).
+        cores = StatelessCores(model, jit_compile)
+        self.loss_and_gradients = cores.loss_and_gradients
+        self.loss_and_predictions = cores.loss_and_predictions
+        self.predictions = cores.predictions
         # Noise kinds that need the step (multiplicative weights, matched trace): noise_hooks.
-        self.noise = noise_hooks.EngineNoise(self, self._loss_and_gradients)
-        has_training_arg = internals.call_has_training_arg(model)
-        self._call_kwargs = {"training": True} if has_training_arg else {}
-        self._eval_kwargs = {"training": False} if has_training_arg else {}
-
-        def compiled(fn):
-            return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
-
-        self.loss_and_gradients = compiled(self._loss_and_gradients)
-        self.loss_and_predictions = compiled(self._loss_and_predictions)
-        self.predictions = compiled(self._predictions)
-
-    # ---- pure cores (compiled) ----------------------------------------------
-
-    def _forward_and_loss(self, trainable, non_trainable, metrics, x, y, sample_weight, kwargs):
-        model = self.model
-        old_non_trainable, old_metrics = list(non_trainable), list(metrics)
-        y_pred, non_trainable, extra_losses = model.stateless_call(
-            trainable, non_trainable, x, return_losses=True, **kwargs
-        )
-        # compute_loss reads model.losses: hand it the forward pass' ones.
-        with internals.losses_override(model, extra_losses):
-            loss, (_, non_trainable, metrics) = model.stateless_compute_loss(
-                trainable,
-                non_trainable,
-                metrics,
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=kwargs.get("training", True),
-            )
-        check_state_unchanged_in_length("metrics_variables", old_metrics, metrics)
-        non_trainable = changed(old_non_trainable, non_trainable)
-        metrics = changed(old_metrics, metrics)
-        return loss, y_pred, non_trainable, metrics
-
-    def _loss_and_gradients(self, trainable, non_trainable, metrics, loss_scale, x, y, sw):
-        with tf.GradientTape() as tape:
-            tape.watch(trainable)
-            loss, y_pred, non_trainable, metrics = self._forward_and_loss(
-                trainable, non_trainable, metrics, x, y, sw, self._call_kwargs
-            )
-            scaled_loss = loss * tf.cast(loss_scale, loss.dtype)
-        gradients = tape.gradient(scaled_loss, trainable)
-        return loss, gradients, y_pred, non_trainable, metrics
-
-    def _loss_and_predictions(self, trainable, non_trainable, metrics, x, y, sw):
-        loss, y_pred, non_trainable, metrics = self._forward_and_loss(
-            trainable, non_trainable, metrics, x, y, sw, self._eval_kwargs
-        )
-        return loss, y_pred, non_trainable, metrics
-
-    def _predictions(self, trainable, non_trainable, x):
-        old_non_trainable = list(non_trainable)
-        y_pred, non_trainable = self.model.stateless_call(
-            trainable, non_trainable, x, **self._eval_kwargs
-        )
-        # Seeded layers that draw at inference (Keras' predict advances their state too).
-        return y_pred, changed(old_non_trainable, non_trainable)
+        self.noise = noise_hooks.EngineNoise(self, cores.plain_loss_and_gradients)
 
     # ---- steps (replica context, outside XLA) ---------------------------------
 
@@ -238,24 +173,13 @@ class _ReplicaXLASteps:
             return self._update_metrics(loss, x, y, y_pred, sample_weight)
         gradients = dense_all(gradients)
         self.noise.observe(noise, gradients, update, loss_scale)  # matched: once per update
-        if self.accumulators is None:
+        if self.accumulator is not None and not update:
+            self.accumulator.add(gradients)
+        else:
+            if self.accumulator is not None:
+                gradients = self.accumulator.average(gradients)
             optimizer.apply(
                 skip_non_finite_on_all_replicas(gradients, optimizer), model.trainable_variables
-            )
-        elif not update:
-            for accumulator, g in zip(self.accumulators, gradients, strict=True):
-                if g is not None:
-                    accumulator.assign_add(g)
-        else:
-            k = float(self.accumulation_steps)
-            averaged = []
-            for accumulator, g in zip(self.accumulators, gradients, strict=True):
-                averaged.append(None if g is None else (accumulator.read_value() + g) / k)
-            with tf.control_dependencies([a for a in averaged if a is not None]):
-                for accumulator in self.accumulators:
-                    accumulator.assign(tf.zeros_like(accumulator))
-            optimizer.apply(
-                skip_non_finite_on_all_replicas(averaged, optimizer), model.trainable_variables
             )
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
@@ -264,7 +188,7 @@ class _ReplicaXLASteps:
         model = self.model
         if model.train_function is not None and not force:
             return model.train_function
-        if self.accumulators is None:
+        if self.accumulator is None:
             internals.default_make_train_function(model, force=True)
             return model.train_function
         k = self.accumulation_steps
@@ -280,18 +204,8 @@ class _ReplicaXLASteps:
             accumulate = internals.make_step_function(model, self.accumulate_step)
             apply_update = internals.make_step_function(model, self.train_step)
             functions = [accumulate] * (k - 1) + [apply_update]
-        # Step s of this function is micro-batch s mod k. It is made at the start of `fit`
-        # and the engine's checkpoints fall between updates, so s mod k = 0 at every restored
-        # optimizer.iterations, as in the uninterrupted run.
-        steps_taken = [0]
-
-        def train_function(iterator):
-            step = functions[steps_taken[0] % k]
-            steps_taken[0] += 1
-            return step(iterator)
-
-        model.train_function = train_function
-        return train_function
+        model.train_function = accumulation.cycle(functions)
+        return model.train_function
 
     def test_step(self, data):
         model = self.model

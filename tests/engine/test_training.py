@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras.data import pipeline as data
+from noisy_keras.data.epochs import epoch_batches
 from noisy_keras.engine import checkpointing
 from noisy_keras.engine import fit as training
 from noisy_keras.engine import steps as replica_xla
@@ -175,7 +175,7 @@ def _noisy_run(strategy, alpha, steps=20):
         model.compile(optimizer=optimizer, loss=LOSS)
     result = training.fit(
         model,
-        data.epoch_batches((x, y), batch_size=16, seed=2),
+        epoch_batches((x, y), batch_size=16, seed=2),
         epochs=steps,
         steps_per_epoch=1,  # one step per epoch: history["loss"] is the per-step loss
         strategy=strategy,
@@ -216,7 +216,7 @@ def _accumulated_run(k, step_batch, alpha, updates=3):
         model.compile(optimizer=NoisyOptimizer(inner, alpha=alpha, seed=9), loss=LOSS)
     training.fit(
         model,
-        data.epoch_batches((x, y), batch_size=step_batch, seed=6),
+        epoch_batches((x, y), batch_size=step_batch, seed=6),
         epochs=1,
         steps_per_epoch=updates * k,
         strategy=strategy,
@@ -264,7 +264,7 @@ def test_fit_rejects_epochs_that_end_inside_an_accumulation():
     with pytest.raises(ValueError, match=r"steps_per_epoch=6 is not a multiple of .*=4"):
         training.fit(
             model,
-            data.epoch_batches((x, y), batch_size=8, seed=0),
+            epoch_batches((x, y), batch_size=8, seed=0),
             epochs=1,
             steps_per_epoch=6,
             accumulation_steps=4,
@@ -294,7 +294,7 @@ class _EpochSnapshots(keras.callbacks.Callback):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     x, y = _data(64)
-    clean = data.epoch_batches((x, y), batch_size=16, seed=1)
+    clean = epoch_batches((x, y), batch_size=16, seed=1)
 
     def poisoned(epoch):  # batch 2 of epoch 1 (global step 6) has NaN inputs
         def poison(index, batch):
@@ -384,7 +384,7 @@ def test_keras_callbacks_keep_working_under_the_engine(tmp_path):
         callbacks.append(keras.callbacks.TensorBoard(str(tmp_path / "tb"), write_graph=False))
     result = training.fit(
         model,
-        data.epoch_batches((x, y), batch_size=16, seed=0),
+        epoch_batches((x, y), batch_size=16, seed=0),
         epochs=3,
         steps_per_epoch=4,
         validation_data=(x, y),

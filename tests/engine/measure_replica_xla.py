@@ -2,7 +2,7 @@
 
 Not a test (timings never go in tests). Run from the repository root:
 
-    python tests/measure_replica_xla.py [--model mlp|cnn] [--steps 40] [--batch 256]
+    python tests/engine/measure_replica_xla.py [--model mlp|cnn] [--steps 40] [--batch 256]
 
 Each configuration trains the same model on random data for `--steps` timed
 steps after 5 warm-up steps (which include tracing and XLA compilation), and

@@ -21,7 +21,7 @@ from noisy_keras.run import _cli
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import train as train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(model="mlp", batch_size=128, epochs=2, verbose=0, base_learning_rate=0.05)
 # TensorFlow's C++ log lines: glog prefixes (I0000 00:00:...), absl's pre-init notice, start-up.
 CPP_LOG_LINE = re.compile(

@@ -1,6 +1,6 @@
 """MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1 train in lock step.
 
-Each worker is `tests/training_worker.py` with its own TF_CONFIG; both take
+Each worker is `tests/engine/training_worker.py` with its own TF_CONFIG; both take
 free loopback ports. XLA dumps its compiled modules per worker, which shows
 that the per-replica function, and only it, was compiled by XLA.
 """
@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 
-from noisy_keras.data import pipeline as data
+from noisy_keras.data.epochs import epoch_permutation
 
 WORKER = os.path.join(os.path.dirname(__file__), "training_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 240
 
 
@@ -193,7 +193,7 @@ def test_two_workers_read_disjoint_shards_of_a_streamed_folder(tmp_path):
     assert not set(per_worker[0]) & set(per_worker[1])
     assert sorted(per_worker[0] + per_worker[1]) == sorted(stored_ids)
     # Step k's global batch is worker 0's half then worker 1's: the epoch order of (seed, 0).
-    order = data.epoch_permutation(images.num_train, seed=5, epoch=0)
+    order = epoch_permutation(images.num_train, seed=5, epoch=0)
     for step in range(steps):
         expected = [stored_ids[i] for i in order[step * batch_size : (step + 1) * batch_size]]
         assert reads[0][step][1] + reads[1][step][1] == expected, step

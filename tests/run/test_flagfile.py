@@ -9,7 +9,7 @@ import pytest
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import flagfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_every_shipped_recipe_is_listed_and_reads_into_a_valid_config():

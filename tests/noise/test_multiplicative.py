@@ -346,7 +346,7 @@ def _ratio_model(loss):
 
 
 def test_under_the_engine_the_patched_loss_steps_aside():
-    # The engine's core weights the examples itself (tests/test_noise_engine.py); the patched
+    # The engine's core weights the examples itself (tests/engine/test_noise_engine.py); the patched
     # compute_loss must then return the plain loss, or the weights would enter twice.
     from noisy_keras.engine.steps import enable_replica_xla
 

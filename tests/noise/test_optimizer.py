@@ -293,7 +293,7 @@ def test_mirrored_fit_matches_single_device_with_noise():
 
 
 def test_inner_gradient_accumulation_is_refused_and_points_to_the_engine():
-    """Noise once per update under accumulation is the engine's job (tests/test_training.py).
+    """Noise once per update under accumulation is the engine's job (tests/engine/test_training.py).
 
     The wrapper would otherwise add noise to every micro-batch, and Keras feeds its
     learning-rate schedule the micro-batch count.

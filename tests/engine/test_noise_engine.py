@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras.data import pipeline as data
+from noisy_keras.data.epochs import epoch_batches
 from noisy_keras.engine import fit as training
 from noisy_keras.engine import steps as replica_xla
 from noisy_keras.engine.distribute import make_strategy
@@ -341,7 +341,7 @@ def test_resume_continues_both_kinds_exactly(tmp_path):
     def run(epochs, workdir):
         result = training.fit(
             build,
-            data.epoch_batches((x, y), batch_size=B // 2, seed=0),
+            epoch_batches((x, y), batch_size=B // 2, seed=0),
             epochs=epochs,
             steps_per_epoch=4,
             workdir=str(workdir),

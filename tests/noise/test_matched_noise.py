@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras import unit_noise
+from noisy_keras import find_noisy_optimizer, unit_noise
 from noisy_keras.analysis import covariance_trace
 from noisy_keras.noise.matched import (
     MatchedNoiseOptimizer,
@@ -20,6 +20,7 @@ from noisy_keras.noise.matched import (
     streaming_spread_update,
     two_group_trace_estimate,
 )
+from noisy_keras.noise.optimizer import GradientNoiseWrapper, NoisyOptimizer
 
 SHAPES = [(3, 4), (4,), (2, 2, 2)]
 D = 12 + 4 + 8
@@ -414,3 +415,18 @@ def test_bad_observations_are_named():
         covariance_trace_estimate([np.ones(3)], group_size=4)
     with pytest.raises(ValueError, match=r"group_size must be an integer >= 1.*=0"):
         covariance_trace_estimate([np.ones(3), np.zeros(3)], group_size=0)
+
+
+def test_matched_is_a_noise_wrapper_beside_noisy_optimizer_not_a_zeroed_one():
+    optimizer = MatchedNoiseOptimizer(
+        keras.optimizers.SGD(0.1, clipnorm=1.0), batch_size=512, small_batch_size=32, seed=1
+    )
+    assert isinstance(optimizer, GradientNoiseWrapper)
+    assert not isinstance(optimizer, NoisyOptimizer)
+    assert not hasattr(optimizer, "alpha") and not hasattr(optimizer, "gamma")
+    assert optimizer.clipping == {"clipnorm": 1.0}  # taken over as by NoisyOptimizer
+    assert optimizer.inner_optimizer.clipnorm is None
+    scaled = keras.optimizers.LossScaleOptimizer(optimizer)
+    assert find_noisy_optimizer(scaled) is optimizer
+    with pytest.raises(ValueError, match=r"already a MatchedNoiseOptimizer; wrapping it again"):
+        NoisyOptimizer(optimizer)

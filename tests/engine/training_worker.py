@@ -1,7 +1,7 @@
 """A small training run in its own process, for the multi-worker and kill-and-resume tests.
 
 Usage:
-    python tests/training_worker.py --workdir DIR --out WEIGHTS.npz [--strategy multiworker]
+    python tests/engine/training_worker.py --workdir DIR --out WEIGHTS.npz [--strategy multiworker]
         [--num-devices 2] [--pause-at EPOCH,BATCH] [--epochs 3] [--steps-per-epoch 4]
         [--folder PATH --preprocess resize|resnet --batch-size 12 --reads READS.json]
 
@@ -14,7 +14,7 @@ it there with SIGKILL. Every finished batch prints "BATCH e b".
 With `--folder`, the data is that image folder streamed from disk
 (`noisy_keras.data.datasets.load_dataset(..., streaming="true")`, 8x8 images) and
 the model a small MLP on them; `--reads` writes the example identities
-(pixel (0, 0): red + 256 x green, see tests/test_multiworker.py) that this
+(pixel (0, 0): red + 256 x green, see tests/engine/test_multiworker.py) that this
 worker's input pipeline yields in epoch 0, read through the same
 `training.train_stream` that `fit` trains on.
 """
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from noisy_keras.data import datasets
-from noisy_keras.data import pipeline as data  # noqa: E402
+from noisy_keras.data.epochs import epoch_batches  # noqa: E402
 from noisy_keras.engine import distribute
 from noisy_keras.engine import fit as training
 from noisy_keras.noise.optimizer import NoisyOptimizer  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv=None):
         rng = np.random.default_rng(0)
         x = rng.normal(size=(128, 6)).astype("float32")
         y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")
-        train_data = data.epoch_batches((x, y), batch_size=args.batch_size, seed=5)
+        train_data = epoch_batches((x, y), batch_size=args.batch_size, seed=5)
         build = _build_model
     result = training.fit(
         build,

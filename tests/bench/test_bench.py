@@ -12,7 +12,7 @@ from noisy_keras import bench
 from noisy_keras.bench import cli
 from noisy_keras.bench.engine import ENGINE_DEVICES
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Kill-and-resume: a run killed with SIGKILL mid-epoch and restarted ends where an
-uninterrupted run ends, bit for bit (op determinism on; see tests/training_worker.py)."""
+uninterrupted run ends, bit for bit (op determinism on; see tests/engine/training_worker.py)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 WORKER = os.path.join(os.path.dirname(__file__), "training_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 180
 
 

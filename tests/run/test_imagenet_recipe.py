@@ -22,7 +22,7 @@ from noisy_keras.run import config as config_lib
 from noisy_keras.run import recipe
 from noisy_keras.run import train as train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGENET_FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "imagenet_resnet50_*.flags")))
 # What a laptop needs to train one step of each flagfile on mocked ImageNet, and nothing else:
 # a batch of 8, 32x32 images, one epoch of one update, the mock's data directory, no progress bar.

@@ -12,7 +12,7 @@ from noisy_keras.run import config as config_lib
 from noisy_keras.run import rundir_rules
 from noisy_keras.run.config import TrainConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _snapshot(directory) -> dict:

@@ -13,7 +13,7 @@ from noisy_keras.run import config as config_lib
 from noisy_keras.run import train as train_lib
 from noisy_keras.study import experiments, grid, reports
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASE = """# a tiny recipe for tests
 --dataset=digits

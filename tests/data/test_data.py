@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 from noisy_keras.data import datasets
 from noisy_keras.data import pipeline as data
 from noisy_keras.data import tfds as tfds_data
+from noisy_keras.data.epochs import epoch_permutation
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +73,13 @@ def test_train_batches_follow_the_epoch_permutation(digits):
     batches = _batches(digits.train_batches(batch_size, seed=7), 6)
     for step, (x, y) in enumerate(batches):
         epoch, position = divmod(step, 3)
-        order = data.epoch_permutation(digits.num_train, seed=7, epoch=epoch)
+        order = epoch_permutation(digits.num_train, seed=7, epoch=epoch)
         ids = order[position * batch_size : (position + 1) * batch_size]
         np.testing.assert_array_equal(x, digits.x_train[ids])
         np.testing.assert_array_equal(y, digits.y_train[ids])
-    first, second = data.epoch_permutation(100, 7, 0), data.epoch_permutation(100, 7, 1)
+    first, second = epoch_permutation(100, 7, 0), epoch_permutation(100, 7, 1)
     assert sorted(first) == list(range(100)) and not np.array_equal(first, second)
-    assert not np.array_equal(first, data.epoch_permutation(100, 8, 0))
+    assert not np.array_equal(first, epoch_permutation(100, 8, 0))
 
 
 def test_train_epochs_gives_one_epoch_of_the_stream_for_int_or_tensor_epochs(digits):
@@ -96,7 +97,7 @@ def test_batches_per_epoch_keeps_the_first_batches_of_each_epoch(digits):
     batches = _batches(digits.train_batches(100, seed=2, batches_per_epoch=2), 4)
     for step, (_, y) in enumerate(batches):
         epoch, position = divmod(step, 2)
-        order = data.epoch_permutation(digits.num_train, seed=2, epoch=epoch)
+        order = epoch_permutation(digits.num_train, seed=2, epoch=epoch)
         np.testing.assert_array_equal(
             y, digits.y_train[order[position * 100 : (position + 1) * 100]]
         )
@@ -195,7 +196,7 @@ def test_tfds_without_validation_split_is_split_3_to_1(tmp_path):
     np.testing.assert_allclose(x_all, mnist.x_train / 255.0, rtol=1e-6)
     x, _ = _batches(mnist.train_batches(8, seed=0), 1)[0]
     assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
-    ids = data.epoch_permutation(mnist.num_train, 0, 0)[:8]
+    ids = epoch_permutation(mnist.num_train, 0, 0)[:8]
     np.testing.assert_allclose(x, mnist.x_train[ids] / 255.0, rtol=1e-6)
 
 
