@@ -26,7 +26,7 @@ from noisy_keras.engine import rundir as workdir_lib  # noqa: E402
 from noisy_keras.run import config as config_lib  # noqa: E402
 from noisy_keras.run import flagfile
 from noisy_keras.run import train as train_lib  # noqa: E402
-from noisy_keras.study import experiments
+from noisy_keras.study import grid
 
 TINY_TRAIN, TINY_VALIDATION, TINY_CLASSES = 24, 9, 3
 
@@ -141,7 +141,7 @@ def test_packaged_recipes_and_their_includes_resolve_from_any_directory(tmp_path
         "1024",
         "1e-05",
     )
-    assert set(experiments.DEFAULT_FLAGFILES) <= set(flagfile.recipes())
+    assert set(grid.DEFAULT_FLAGFILES) <= set(flagfile.recipes())
     try:
         flagfile.resolve("no_such_recipe.flags")
     except FileNotFoundError as error:

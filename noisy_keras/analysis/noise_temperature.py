@@ -14,7 +14,7 @@ it for each noise kind and for the small batch b it is meant to emulate:
         white           u = g_B + n,  n ~ N(0, alpha / (1 + t)^gamma I)
         matched         u = g_B + n,  n ~ N(0, tr_hat s^2 / (B d) I), tr_hat the
                         bias-corrected moving average of the two-halves estimate
-                        (`matched_noise.two_group_trace_estimate`), as the engine
+                        (`covariance.two_group_trace_estimate`), as the engine
                         computes it on one device without accumulation
         multiplicative  u = (1/B) sum_i w_i g_i,  w_i ~ N(1, s^2)
     target   = eta_b E|g_b - g|^2,
@@ -58,7 +58,7 @@ import numpy as np
 
 from noisy_keras._validation import check_int, check_positive_int, check_positive_number
 from noisy_keras.analysis import gradient_noise as gradient_noise_lib
-from noisy_keras.noise import draw, multiplicative, schedules, temperature
+from noisy_keras.noise import covariance, draw, multiplicative, schedules, temperature
 from noisy_keras.noise import matched as matched_noise
 
 NOISE_KINDS = ("none", "white", "matched", "multiplicative")
@@ -204,7 +204,7 @@ def noise_temperatures(
 
     def matched(j):
         rows = gradients[batches[j]]
-        estimate = matched_noise.two_group_trace_estimate(
+        estimate = covariance.two_group_trace_estimate(
             rows[:half].mean(axis=0), rows[half:].mean(axis=0), half, batch_size - half
         )
         sigma = math.sqrt(ema.observe(float(estimate)) * deficit / (batch_size * dim))

@@ -53,7 +53,7 @@ import tensorflow as tf
 from noisy_keras import _extras
 from noisy_keras._validation import check_int
 from noisy_keras.data import pipeline as data
-from noisy_keras.data import registry, streaming
+from noisy_keras.data import registry, sources, streaming
 from noisy_keras.data import tfds as tfds_data
 from noisy_keras.data.pipeline import ClassificationData
 from noisy_keras.data.preprocessing import DEFAULT_IMAGE_SIZE, resize_uint8
@@ -277,7 +277,7 @@ def _stream_folder(name, paths, labels, class_names, split, val_fraction, seed, 
     train, val = split
     return streaming.StreamedImageData(
         name=name,
-        source=streaming.FolderFiles(paths[train], labels[train], paths[val], labels[val]),
+        source=sources.FolderFiles(paths[train], labels[train], paths[val], labels[val]),
         num_classes=len(class_names),
         class_names=class_names,
         validation=f"stratified {val_fraction:g} of the examples of each class, seed {seed}",

@@ -15,7 +15,7 @@ import math
 import tensorflow as tf
 
 from noisy_keras.data import pipeline as data
-from noisy_keras.data import streaming
+from noisy_keras.data import sources, streaming
 from noisy_keras.data.preprocessing import DEFAULT_IMAGE_SIZE, resize_uint8
 
 # TFDS datasets whose classes change under a horizontal flip (digits, letters).
@@ -211,12 +211,12 @@ def _stream_tfds(name, builder, split_names, val_fraction, image_shape, preproce
             "or use streaming='false'."
         )
     if "validation" in split_names:
-        source = streaming.TfdsSplits(builder, "train", "validation", total, num_val)
+        source = sources.TfdsSplits(builder, "train", "validation", total, num_val)
         validation = "the dataset's own 'validation' split"
     else:
         num_val = min(max(int(math.floor(val_fraction * total + 0.5)), 1), total - 1)
         num_train = total - num_val
-        source = streaming.TfdsSplits(
+        source = sources.TfdsSplits(
             builder, f"train[:{num_train}]", f"train[{num_train}:]", num_train, num_val
         )
         validation = (

@@ -20,7 +20,7 @@ update, estimated from G >= 2 gradient groups of that update on each replica:
 
 * with k >= 2 accumulation steps, the replica's k micro-batches: their spread
   sum_j |g_j - g_bar|^2 is folded in one micro-batch at a time by Welford's
-  update (`matched_noise.streaming_spread_update`) from the engine's own
+  update (`covariance.streaming_spread_update`) from the engine's own
   accumulators and one replica-local scalar, and the estimate is
   n / (k - 1) times it;
 * with k = 1, the two halves of the replica's batch of n, computed one after
@@ -59,8 +59,7 @@ import tensorflow as tf
 from noisy_keras import _keras_internals as internals
 from noisy_keras._structures import batch_size, dense_all, replica_in_sync
 from noisy_keras.models.layers import GhostBatchNormalization
-from noisy_keras.noise import matched as matched_noise
-from noisy_keras.noise import multiplicative
+from noisy_keras.noise import covariance, multiplicative
 from noisy_keras.noise.chain import find_wrapper
 from noisy_keras.noise.matched import MatchedNoiseOptimizer
 
@@ -183,7 +182,7 @@ def _halves_loss_and_gradients(core, trainable, non_trainable, metrics, loss_sca
     ]
     y_pred = tf.nest.map_structure(lambda a, b: tf.concat([a, b], axis=0), pred_1, pred_2)
     pairs = [(a, b) for a, b in zip(grads_1, grads_2, strict=True) if a is not None]
-    trace = matched_noise.two_group_trace_estimate(
+    trace = covariance.two_group_trace_estimate(
         [tf.cast(a, tf.float32) for a, _ in pairs],
         [tf.cast(b, tf.float32) for _, b in pairs],
         n_1,
@@ -338,7 +337,7 @@ class EngineNoise:
             previous = None
             if m > 0:
                 previous = [a.read_value() for a in self._steps.accumulator.variables]
-            spread = matched_noise.streaming_spread_update(
+            spread = covariance.streaming_spread_update(
                 self.spread.read_value() if m > 0 else 0.0,
                 None if previous is None else [tf.cast(p, tf.float32) for p in previous],
                 [None if g is None else tf.cast(g, tf.float32) for g in gradients],

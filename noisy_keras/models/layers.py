@@ -1,11 +1,15 @@
-"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017).
+"""The package's layers: Ghost Batch Normalization, and the pieces of ResNet option A.
 
-Large mini-batches make batch normalization's statistics less noisy, which is
-part of what the large batch loses. Ghost Batch Normalization splits each
+`GhostBatchNormalization` (Hoffer, Hubara & Soudry 2017): large mini-batches
+make batch normalization's statistics less noisy, which is part of what the
+large batch loses. Ghost Batch Normalization splits each
 (per-replica) training batch into "ghost" batches of `virtual_batch_size`
 examples and normalizes each with its own mean and variance, so the noise of
 the statistics stays that of a small batch. Keras 2 had this as
 `BatchNormalization(virtual_batch_size=...)`; Keras 3 dropped it.
+
+`ChannelZeroPadding` and `Subsample2D` make the parameter-free shortcut of the
+CIFAR ResNets (He et al. 2016, option A) in `noisy_keras.models.zoo`.
 
 Reference:
     Hoffer, Hubara & Soudry 2017, "Train longer, generalize better: closing the
@@ -319,3 +323,62 @@ class GhostBatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
         }
         return {**super().get_config(), **config}
+
+
+@keras.saving.register_keras_serializable(package="noisy_keras")
+class ChannelZeroPadding(keras.layers.Layer):
+    """Appends zero channels (last axis): the parameter-free shortcut of ResNet option A.
+
+    Args:
+        before: zero channels put before the input's channels.
+        after: zero channels put after them.
+    """
+
+    def __init__(self, before: int, after: int, **kwargs):
+        super().__init__(**kwargs)
+        self.before = int(before)
+        self.after = int(after)
+
+    def call(self, inputs):
+        padding = [[0, 0]] * (len(inputs.shape) - 1) + [[self.before, self.after]]
+        return keras.ops.pad(inputs, padding)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (input_shape[-1] + self.before + self.after,)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "before": self.before, "after": self.after}
+
+
+@keras.saving.register_keras_serializable(package="noisy_keras")
+class Subsample2D(keras.layers.Layer):
+    """Keeps every `stride`-th row and column (from the first): `x[:, ::stride, ::stride, :]`.
+
+    The stride-s subsampling of ResNet option A's shortcut. Equal to
+    `MaxPooling2D(1, strides=s)` in value and gradient, but a strided slice,
+    whose gradient XLA computes deterministically (max pooling's it cannot).
+
+    Args:
+        stride: the step, an integer >= 1.
+    """
+
+    def __init__(self, stride: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stride = check_int("stride", stride, 1)
+
+    def call(self, inputs):
+        return inputs[:, :: self.stride, :: self.stride, :]
+
+    def compute_output_shape(self, input_shape):
+        def subsampled(n):
+            return None if n is None else -(-n // self.stride)
+
+        return (
+            input_shape[0],
+            subsampled(input_shape[1]),
+            subsampled(input_shape[2]),
+            input_shape[3],
+        )
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "stride": self.stride}

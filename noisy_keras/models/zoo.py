@@ -40,7 +40,7 @@ import numpy as np
 from keras import layers
 
 from noisy_keras._validation import check_int
-from noisy_keras.models.layers import GhostBatchNormalization
+from noisy_keras.models.layers import ChannelZeroPadding, GhostBatchNormalization, Subsample2D
 from noisy_keras.models.registry import (
     MODEL_NAMES,
     MODELS_WITH_BATCH_NORM,
@@ -144,65 +144,6 @@ def _cnn1d_bn(input_shape, num_classes):
         x = layers.ReLU(name=f"relu{index}")(x)
     x = layers.Flatten()(x)
     return keras.Model(inputs, layers.Dense(num_classes)(x), name="cnn1d_bn")
-
-
-@keras.saving.register_keras_serializable(package="noisy_keras")
-class ChannelZeroPadding(layers.Layer):
-    """Appends zero channels (last axis): the parameter-free shortcut of ResNet option A.
-
-    Args:
-        before: zero channels put before the input's channels.
-        after: zero channels put after them.
-    """
-
-    def __init__(self, before: int, after: int, **kwargs):
-        super().__init__(**kwargs)
-        self.before = int(before)
-        self.after = int(after)
-
-    def call(self, inputs):
-        padding = [[0, 0]] * (len(inputs.shape) - 1) + [[self.before, self.after]]
-        return keras.ops.pad(inputs, padding)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (input_shape[-1] + self.before + self.after,)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "before": self.before, "after": self.after}
-
-
-@keras.saving.register_keras_serializable(package="noisy_keras")
-class Subsample2D(layers.Layer):
-    """Keeps every `stride`-th row and column (from the first): `x[:, ::stride, ::stride, :]`.
-
-    The stride-s subsampling of ResNet option A's shortcut. Equal to
-    `MaxPooling2D(1, strides=s)` in value and gradient, but a strided slice,
-    whose gradient XLA computes deterministically (max pooling's it cannot).
-
-    Args:
-        stride: the step, an integer >= 1.
-    """
-
-    def __init__(self, stride: int, **kwargs):
-        super().__init__(**kwargs)
-        self.stride = check_int("stride", stride, 1)
-
-    def call(self, inputs):
-        return inputs[:, :: self.stride, :: self.stride, :]
-
-    def compute_output_shape(self, input_shape):
-        def subsampled(n):
-            return None if n is None else -(-n // self.stride)
-
-        return (
-            input_shape[0],
-            subsampled(input_shape[1]),
-            subsampled(input_shape[2]),
-            input_shape[3],
-        )
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "stride": self.stride}
 
 
 def _resnet20(input_shape, num_classes):

@@ -43,18 +43,8 @@ from noisy_keras.run import _cli
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import flagfile as flagfile_lib
 from noisy_keras.run import train as train_lib
+from noisy_keras.study import grid as grid_lib
 from noisy_keras.study import reports
-from noisy_keras.study.grid import (  # noqa: F401  (re-exported: the runner's names before the split)
-    DEFAULT_FLAGFILES,
-    Cell,
-    Noise,
-    cell_config,
-    grid_cells,
-    parse_noise,
-    run_dir,
-    same_updates_changes,
-)
-from noisy_keras.study.reports import METRICS, summarize_rows, write_reports  # noqa: F401
 
 SHARPNESS_EXAMPLES = 512
 
@@ -80,13 +70,13 @@ def measure_sharpness(workdir: str, config: config_lib.TrainConfig) -> float:
 
 
 def run_cell_seed(
-    out: str, cell: Cell, seed: int, overrides: dict, log=print, same_updates: bool = False
+    out: str, cell: grid_lib.Cell, seed: int, overrides: dict, log=print, same_updates: bool = False
 ) -> dict:
     """Trains (or resumes, or skips) one run and returns its result row."""
     import keras
 
-    config = cell_config(cell, seed, overrides, same_updates)
-    workdir = run_dir(out, cell, seed)
+    config = grid_lib.cell_config(cell, seed, overrides, same_updates)
+    workdir = grid_lib.run_dir(out, cell, seed)
     summary = RunDir(workdir).read_summary()
     if summary is None or summary.get("status") != "done":
         keras.utils.clear_session()
@@ -135,7 +125,7 @@ def run_grid(
             cell is compared with in OUT/differences.md (`reports.write_reports`).
         noise_temperature_at: a cell name: OUT/noise_temperature.md measures
             every cell's noise temperature against its small batch's at that
-            cell's initial and final weights (`reports.noise_temperature_rows`).
+            cell's initial and final weights (`temperatures.noise_temperature_rows`).
         log: progress printer.
 
     Returns:
@@ -144,12 +134,12 @@ def run_grid(
     index, count = shard
     if not (isinstance(count, int) and count >= 1 and 0 <= index < count):
         raise ValueError(f"shard must be (index, count) with 0 <= index < count; got {shard!r}.")
-    cells = grid_cells(flagfiles, batch_sizes, alphas, noises)
+    cells = grid_lib.grid_cells(flagfiles, batch_sizes, alphas, noises)
     if not cells:
         raise ValueError("The grid has no cells: give at least one alpha or noise.")
     jobs = [(c, s) for c in cells for s in seeds]
     for cell in cells:  # every combination is checked before anything is written
-        cell_config(cell, next(iter(seeds), 0), overrides or {}, same_updates)
+        grid_lib.cell_config(cell, next(iter(seeds), 0), overrides or {}, same_updates)
     os.makedirs(out, exist_ok=True)
     start = time.time()
     for number, (cell, seed) in enumerate(jobs):
@@ -161,8 +151,8 @@ def run_grid(
             f"{row['status']} val {row['val_accuracy']:.4f} gap {row['gap']:+.4f} "
             f"sharpness {row['sharpness']:.3g}"
         )
-    order = {run_dir(out, cell, seed): number for number, (cell, seed) in enumerate(jobs)}
-    every = write_reports(out, reference, noise_temperature_at)
+    order = {grid_lib.run_dir(out, cell, seed): number for number, (cell, seed) in enumerate(jobs)}
+    every = reports.write_reports(out, reference, noise_temperature_at)
     return sorted((r for r in every if r["workdir"] in order), key=lambda r: order[r["workdir"]])
 
 
@@ -172,7 +162,7 @@ def define_flags() -> None:
     flags.DEFINE_string("out", "results/offline", "Output directory of the grid.")
     flags.DEFINE_list(
         "flagfiles",
-        list(DEFAULT_FLAGFILES),
+        list(grid_lib.DEFAULT_FLAGFILES),
         "Base flagfiles, one per recipe: paths, or names of the recipes shipped with the "
         f"package ({', '.join(flagfile_lib.recipes())}).",
     )
@@ -240,7 +230,7 @@ def _run_from_flags(FLAGS) -> int:
             overrides[key.lstrip("-")] = value
         batch_sizes = [int(b) for b in FLAGS.batch_sizes]
         alphas = [float(a) for a in FLAGS.alphas]
-        noises = [parse_noise(n, FLAGS.default_noise_batch_size) for n in FLAGS.noises]
+        noises = [grid_lib.parse_noise(n, FLAGS.default_noise_batch_size) for n in FLAGS.noises]
         if noises:
             if FLAGS["alphas"].present:
                 raise ValueError("Give --alphas or --noises, not both (white:ALPHA is a noise).")

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from tfds_metadata import write_tfds_metadata
 
 from noisy_keras import _keras_internals
-from noisy_keras.data import datasets, streaming
+from noisy_keras.data import datasets, sources, streaming
 from noisy_keras.data import pipeline as data
 from noisy_keras.data import shards as input_shards
 from noisy_keras.engine import distribute
@@ -272,7 +272,7 @@ def test_tfds_epochs_are_functions_of_seed_and_epoch(tmp_path):
     assert val[0][0].shape == (8, 16, 16, 3)
     train_reads = [c for c in calls if c[0] == "train"]
     seeds = [c[2].shuffle_seed for c in train_reads[:3]]
-    assert seeds == [streaming.derived_seed(3, e, 1) for e in (0, 1, 0)]
+    assert seeds == [sources.derived_seed(3, e, 1) for e in (0, 1, 0)]
     assert all(c[1] is True and c[2].input_context is None for c in train_reads)
     assert [c[1] for c in calls if c[0] == "validation"] == [False]
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_keras.models.layers import GhostBatchNormalization
+from noisy_keras.models.layers import GhostBatchNormalization, Subsample2D
 from noisy_keras.models.registry import (
     MODEL_NAMES,
     MODELS_WITH_BATCH_NORM,
     MODELS_WITH_MAX_POOLING,
 )
-from noisy_keras.models.zoo import Subsample2D, build_model, has_max_pooling
+from noisy_keras.models.zoo import build_model, has_max_pooling
 
 SMALL_MODELS = {
     # name: (input_shape, total parameters for 10 classes)

@@ -13,13 +13,12 @@ import tensorflow as tf
 
 from noisy_keras import find_noisy_optimizer, unit_noise
 from noisy_keras.analysis import covariance_trace
-from noisy_keras.noise.matched import (
-    MatchedNoiseOptimizer,
+from noisy_keras.noise.covariance import (
     covariance_trace_estimate,
-    matched_noise_variance,
     streaming_spread_update,
     two_group_trace_estimate,
 )
+from noisy_keras.noise.matched import MatchedNoiseOptimizer, matched_noise_variance
 from noisy_keras.noise.optimizer import GradientNoiseWrapper, NoisyOptimizer
 
 SHAPES = [(3, 4), (4,), (2, 2, 2)]

@@ -16,7 +16,7 @@ from noisy_keras.noise.optimizer import NoisyOptimizer
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import rundir_rules
 from noisy_keras.run import train as train_lib
-from noisy_keras.study import experiments
+from noisy_keras.study import experiments, grid
 
 # One short epoch of the digits MLP (5 updates), at the small batch's learning rate.
 TINY = dict(model="mlp", batch_size=256, epochs=1, verbose=0, base_learning_rate=0.05)
@@ -179,8 +179,7 @@ def test_grid_over_noise_kinds_names_cells_runs_and_tables(tmp_path, monkeypatch
     monkeypatch.setattr(train_lib, "train", fake_train)
     monkeypatch.setattr(experiments, "measure_sharpness", lambda workdir, config: 2.0)
     noises = [
-        experiments.parse_noise(n, 16)
-        for n in ("none", "white:1e-5", "matched", "multiplicative:32")
+        grid.parse_noise(n, 16) for n in ("none", "white:1e-5", "matched", "multiplicative:32")
     ]
     out = str(tmp_path / "grid")
     rows = experiments.run_grid(
@@ -231,4 +230,4 @@ def test_bad_grids_are_refused_before_any_run(tmp_path):
         ("none:3", r"'none:3' is not one of"),
     ):
         with pytest.raises(ValueError, match=message):
-            experiments.parse_noise(entry)
+            grid.parse_noise(entry)

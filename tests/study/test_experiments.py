@@ -11,7 +11,7 @@ import pytest
 from noisy_keras.analysis import plots
 from noisy_keras.run import config as config_lib
 from noisy_keras.run import train as train_lib
-from noisy_keras.study import experiments, grid, reports
+from noisy_keras.study import experiments, grid, reports, temperatures
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -161,19 +161,19 @@ def test_the_command_line_runs_a_packaged_recipe_from_another_directory(tmp_path
 
 
 def test_same_updates_stretches_epochs_warmup_and_decay_by_the_batch_ratio(flagfile):
-    cell = experiments.Cell(flagfile, 512, 0.0, experiments.Noise("none"))
-    base = experiments.cell_config(cell, 0, {"warmup_epochs": "2", "lr_decay_epochs": "3,5"})
-    config = experiments.cell_config(
+    cell = grid.Cell(flagfile, 512, 0.0, grid.Noise("none"))
+    base = grid.cell_config(cell, 0, {"warmup_epochs": "2", "lr_decay_epochs": "3,5"})
+    config = grid.cell_config(
         cell, 0, {"warmup_epochs": "2", "lr_decay_epochs": "3,5"}, same_updates=True
     )
     assert base.base_batch_size == 32  # 512 / 32 = 16 times the epochs
     assert (config.epochs, config.warmup_epochs, config.lr_decay_epochs) == (16, 32.0, (48, 80))
     assert config.lr_decay_every == 16 * base.lr_decay_every
-    same_base = experiments.Cell(flagfile, 32, 0.0, experiments.Noise("none"))
-    assert experiments.cell_config(same_base, 0, {}, same_updates=True).epochs == 1
-    odd = experiments.Cell(flagfile, 48, 0.0, experiments.Noise("none"))
+    same_base = grid.Cell(flagfile, 32, 0.0, grid.Noise("none"))
+    assert grid.cell_config(same_base, 0, {}, same_updates=True).epochs == 1
+    odd = grid.Cell(flagfile, 48, 0.0, grid.Noise("none"))
     with pytest.raises(ValueError, match=r"cell tiny-b48-none: same_updates: epochs=1 .*48/32"):
-        experiments.cell_config(odd, 0, {}, same_updates=True)
+        grid.cell_config(odd, 0, {}, same_updates=True)
 
 
 def test_reports_collect_every_invocation_and_compare_with_a_reference(
@@ -216,9 +216,9 @@ def test_reports_collect_every_invocation_and_compare_with_a_reference(
 
 def test_cell_of_run_reads_the_cell_back_and_refuses_a_renamed_directory(flagfile, tmp_path):
     for noise in ("none", "white:1e-05", "matched:32", "multiplicative:16"):
-        cell = experiments.grid_cells([flagfile], [64], noises=[noise])[0]
-        config = experiments.cell_config(cell, 3, {"lr_scaling": "none"})
-        back = grid.cell_of_run(experiments.run_dir("out", cell, 3), config)
+        cell = grid.grid_cells([flagfile], [64], noises=[noise])[0]
+        config = grid.cell_config(cell, 3, {"lr_scaling": "none"})
+        back = grid.cell_of_run(grid.run_dir("out", cell, 3), config)
         assert (back.name, back.base_name, back.kind) == (cell.name, "tiny", cell.kind)
     renamed = os.path.join("out", "runs", "renamed", "seed3")
     with pytest.raises(ValueError, match=r"'renamed' does not end with '-b64-multiplicative-n16'"):
@@ -240,7 +240,9 @@ def test_noise_temperature_report_measures_each_cell_against_its_small_batch(
         log=lambda _: None,
     )
     rows = reports.collect_rows(out)
-    found = reports.noise_temperature_rows(rows, "tiny-b128-none", num_draws=100, max_examples=256)
+    found = temperatures.noise_temperature_rows(
+        rows, "tiny-b128-none", num_draws=100, max_examples=256
+    )
     entries = {(e["cell"], e["point"]): e for e in found}
     assert sorted({cell for cell, _ in entries}) == [
         "tiny-b128-multiplicative-n32",
@@ -259,5 +261,5 @@ def test_noise_temperature_report_measures_each_cell_against_its_small_batch(
         # without noise B=128 of 256 examples carries about 1/7 of b=32's noise (without
         # replacement); with the multiplicative weights it carries at least the small batch's
         assert predicted["tiny-b128-none"] < 0.2 and predicted["tiny-b128-multiplicative-n32"] > 0.9
-    markdown = reports.noise_temperature_markdown(found)
+    markdown = temperatures.noise_temperature_markdown(found)
     assert "| tiny-b128-none | final | 1 |" in markdown
