@@ -138,3 +138,23 @@ def test_registries_hold_names_and_import_nothing(package):
     tree = ast.parse(open(os.path.join(PACKAGE, package, "registry.py")).read())
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert imports == []
+
+
+def test_the_readme_module_map_names_every_module():
+    """README "Architecture": a row per module of the core packages, one per other package."""
+    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md")).read()
+    start = readme.index("## Architecture")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    shims = ("noisy_keras.train", "noisy_keras.experiments")  # described in the text below it
+    missing = []
+    for name, path in _modules().items():
+        if path.endswith("__init__.py") or name in shims:
+            continue
+        parts = name.split(".")[1:]
+        if parts[0] in ("analysis", "bench"):
+            row = f"| `{parts[0]}/` |"
+        else:
+            row = f"| `{'.'.join(parts)}` |"
+        if row not in section:
+            missing.append(row)
+    assert missing == []
