@@ -41,6 +41,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from noisy_keras._validation import is_int
 from noisy_keras.analysis.interpolation import InterpolationResult
 from noisy_keras.analysis.stats import summarize
 
@@ -372,11 +373,7 @@ def plot_gap_vs_batch_size(
                 f"received {by_batch!r}."
             )
         for batch_size in by_batch:
-            if (
-                isinstance(batch_size, bool)
-                or not isinstance(batch_size, int | np.integer)
-                or (batch_size < 1)
-            ):
+            if not is_int(batch_size) or batch_size < 1:
                 raise ValueError(
                     f"gaps[{label!r}] keys must be positive integer batch sizes; "
                     f"received {batch_size!r}."

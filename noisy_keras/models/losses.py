@@ -18,10 +18,10 @@ References:
 
 from __future__ import annotations
 
-import numbers
-
 import keras
 from keras import ops
+
+from noisy_keras._validation import check_number
 
 __all__ = ["SmoothedSparseCategoricalCrossentropy", "smoothed_sparse_cross_entropy"]
 
@@ -65,15 +65,7 @@ class SmoothedSparseCategoricalCrossentropy(keras.losses.Loss):
         name="smoothed_sparse_categorical_crossentropy",
         dtype=None,
     ):
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, numbers.Real)
-            or not 0 <= label_smoothing < 1
-        ):
-            raise ValueError(
-                "label_smoothing must be a number in [0, 1); received "
-                f"label_smoothing={label_smoothing!r}."
-            )
+        check_number("label_smoothing", label_smoothing, "a number in [0, 1)", lambda v: 0 <= v < 1)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.label_smoothing = float(label_smoothing)
 

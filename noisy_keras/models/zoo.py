@@ -39,7 +39,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from noisy_keras._validation import check_int
+from noisy_keras._validation import check_int, is_int
 from noisy_keras.models.layers import ChannelZeroPadding, GhostBatchNormalization, Subsample2D
 from noisy_keras.models.registry import (
     MODEL_NAMES,
@@ -313,11 +313,7 @@ def build_model(
     check_int("num_classes", num_classes, 2)
     check_int("seed", seed, 0)
     if ghost_batch_size is not None:
-        if (
-            not isinstance(ghost_batch_size, numbers.Integral)
-            or isinstance(ghost_batch_size, bool)
-            or ghost_batch_size < 1
-        ):
+        if not is_int(ghost_batch_size) or ghost_batch_size < 1:
             raise ValueError(
                 "ghost_batch_size must be an integer >= 1 or None; received "
                 f"ghost_batch_size={ghost_batch_size!r}."

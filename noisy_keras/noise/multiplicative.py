@@ -56,7 +56,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from noisy_keras._structures import replica_in_sync
+from noisy_keras._structures import batch_size, replica_in_sync
 from noisy_keras._validation import check_int, check_number, replica_share
 from noisy_keras.noise import draw, schedules, temperature
 from noisy_keras.noise.chain import optimizer_accumulation_steps
@@ -387,8 +387,7 @@ def _training_weights(model, settings: MultiplicativeNoise, y_pred) -> tf.Tensor
         micro_batches=micro_batches,
     )
     share = replica_share(settings.batch_size, num_replicas, micro_batches)
-    first = tf.nest.flatten(y_pred)[0]
-    static = first.shape[0] if first.shape.rank else None
+    static, n = batch_size(y_pred)
     if static is not None and static > share:
         raise ValueError(
             f"A replica's batch has {static} examples, more than batch_size / (accumulation "
@@ -396,7 +395,7 @@ def _training_weights(model, settings: MultiplicativeNoise, y_pred) -> tf.Tensor
             f"{share}; batch_size must be the examples of one update (received "
             f"batch_size={settings.batch_size})."
         )
-    return settings.weights(tf.shape(first)[0], step, offset)
+    return settings.weights(n, step, offset)
 
 
 def disable_multiplicative_noise(model: keras.Model) -> None:

@@ -77,14 +77,15 @@ def run_cell_seed(
 
     config = grid_lib.cell_config(cell, seed, overrides, same_updates)
     workdir = grid_lib.run_dir(out, cell, seed)
-    summary = RunDir(workdir).read_summary()
+    run = RunDir(workdir)
+    summary = run.read_summary()
     if summary is None or summary.get("status") != "done":
         keras.utils.clear_session()
         summary = train_lib.train(config, workdir, log=log)
     if summary["status"] == "done" and "sharpness" not in summary:
         keras.utils.clear_session()
         summary["sharpness"] = measure_sharpness(workdir, config)
-        RunDir(workdir).write_summary(summary)
+        run.write_summary(summary)
     return reports.run_row(cell, seed, summary, workdir, config)
 
 

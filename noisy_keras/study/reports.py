@@ -69,8 +69,9 @@ def collect_rows(out: str) -> list[dict]:
     pattern = os.path.join(out, "runs", "*", "seed*", SUMMARY_FILE)
     for summary_path in glob.glob(pattern):
         workdir = os.path.dirname(summary_path)
-        summary = RunDir(workdir).read_summary()
-        if summary is None or not os.path.exists(RunDir(workdir).flags_path):
+        run = RunDir(workdir)
+        summary = run.read_summary()
+        if summary is None or not os.path.exists(run.flags_path):
             continue
         config = read_run_config(workdir)
         cell = grid_lib.cell_of_run(workdir, config)
