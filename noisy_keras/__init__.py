@@ -82,6 +82,7 @@ if not _help_requested():
     from noisy_keras.models.layers import GhostBatchNormalization
     from noisy_keras.models.losses import SmoothedSparseCategoricalCrossentropy
     from noisy_keras.models.zoo import build_model
+    from noisy_keras.noise.callbacks import NoiseLogger
     from noisy_keras.noise.chain import current_noise_stddev, find_noisy_optimizer
     from noisy_keras.noise.draw import unit_noise
     from noisy_keras.noise.matched import MatchedNoiseOptimizer
@@ -97,6 +98,7 @@ __all__ = [
     "GhostBatchNormalization",
     "LARS",
     "MatchedNoiseOptimizer",
+    "NoiseLogger",
     "NoisyOptimizer",
     "PAPER_ALPHA",
     "PAPER_GAMMA",

@@ -23,12 +23,15 @@ one writer has to be importable from there.
 
 Epochs are counted from 1 everywhere (metrics.csv, plots, summary, log lines,
 like Keras' progress bar): the row of epoch e describes the e-th epoch. Its
-`learning_rate` and `noise_stddev` are those of the epoch's first parameter
-update, update (e - 1) * updates_per_epoch counted from 0 (the step-decayed
-rate is constant over an epoch, so the row of epoch 26 is the first to show
-the decay applied after 25 epochs). `wall_time_s` is the training time up to
-the end of the epoch, summed over the sessions that trained it (a resumed run
-continues the count; an interrupted epoch's time is not counted).
+`learning_rate` is that of the epoch's first parameter update, update
+(e - 1) * updates_per_epoch counted from 0 (the step-decayed rate is constant
+over an epoch, so the row of epoch 26 is the first to show the decay applied
+after 25 epochs); its `noise_stddev` and `gap` are the epoch logs' values that
+`noisy_keras.noise.callbacks.NoiseLogger` puts there (sigma of the epoch's
+last update, e * updates_per_epoch - 1), the ones TensorBoard records too.
+`wall_time_s` is the training time up to the end of the epoch, summed over
+the sessions that trained it (a resumed run continues the count; an
+interrupted epoch's time is not counted).
 
 Every file is replaced atomically (`atomic_write_text`): a reader sees the old
 or the new file, never a part of one.
@@ -297,10 +300,11 @@ class RunDir:
         """A Keras callback that appends one row per epoch to metrics.csv (`METRICS_COLUMNS`).
 
         Row of epoch e (1-based): Keras' epoch logs (per-epoch training metrics
-        are its running mean over the epoch), the gap = accuracy - val_accuracy,
-        the learning rate and noise sigma of the epoch's first update (read when
-        the epoch begins, `noisy_keras.noise.chain.current_noise_stddev`
-        unwrapping any LossScaleOptimizer), and the training wall time so far.
+        are its running mean over the epoch), among them `noise_stddev` and `gap`
+        as a `noisy_keras.noise.callbacks.NoiseLogger` listed before this
+        callback put them there (empty without one: nothing is computed twice),
+        the learning rate of the epoch's first update (read when the epoch
+        begins) and the training wall time so far.
         It survives resume: when training (re)starts at epoch e, the rows of
         epochs >= e (to be trained again) are dropped first, and the wall time
         continues from the row of epoch e - 1. An epoch cut short (a stop before
@@ -311,8 +315,6 @@ class RunDir:
 
 def _metrics_csv_callback(path: str):
     import keras
-
-    from noisy_keras.noise.chain import current_noise_stddev
 
     class MetricsCSV(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -329,11 +331,7 @@ def _metrics_csv_callback(path: str):
                 write_csv(path, kept)
                 self.elapsed_before = kept[-1]["wall_time_s"] if kept else 0.0
                 self.session_start = time.time()
-            optimizer = self.model.optimizer
-            self.epoch_values = {
-                "learning_rate": float(optimizer.learning_rate),
-                "noise_stddev": current_noise_stddev(optimizer),
-            }
+            self.epoch_values = {"learning_rate": float(self.model.optimizer.learning_rate)}
             self.last_batch = -1
 
         def on_train_batch_end(self, batch, logs=None):
@@ -350,12 +348,9 @@ def _metrics_csv_callback(path: str):
                 "accuracy": logs.get("accuracy"),
                 "val_loss": logs.get("val_loss"),
                 "val_accuracy": logs.get("val_accuracy"),
-                "gap": (
-                    logs["accuracy"] - logs["val_accuracy"]
-                    if "accuracy" in logs and "val_accuracy" in logs
-                    else None
-                ),
+                "gap": logs.get("gap"),
                 **self.epoch_values,
+                "noise_stddev": logs.get("noise_stddev"),
                 "wall_time_s": round(self.elapsed_before + time.time() - self.session_start, 3),
             }
             with open(path, "a", newline="") as f:

@@ -125,6 +125,7 @@ def train(
     *,
     overwrite: bool = False,
     log=print,
+    callbacks=(),
 ) -> dict:
     """Runs, resumes or (when finished) only reports one experiment; returns its summary.
 
@@ -142,6 +143,13 @@ def train(
         workdir: run directory; None uses `config.default_workdir()`.
         overwrite: replace the run in `workdir` (see `noisy_keras.run.rundir_rules`).
         log: where the one-line notices go (resuming, ...); None for silence.
+        callbacks: Keras callbacks to run with the job's own, called by the engine
+            exactly as `keras.Model.fit` calls them: after `NoiseLogger`, the
+            metrics CSV and TensorBoard (so their epoch `logs` hold
+            `noise_stddev`, `noise_step`, `gap` and the kind's other values, see
+            `noisy_keras.noise.callbacks`), for epochs `initial_epoch..epochs-1`
+            (after a resume, from the checkpoint's epoch on). Not called for a run
+            that is already finished.
 
     Returns:
         The summary written to WORKDIR/summary.json: workdir, status, message,
@@ -162,6 +170,7 @@ def train(
         KeyboardInterrupt: interrupted; status "interrupted", checkpoints kept.
     """
     config = config_lib.validate_config(config)
+    callbacks = check_callbacks(callbacks)
     workdir = workdir or config.default_workdir()
     log = log or (lambda _line: None)
     plan = rundir_rules.check_workdir(workdir, config, overwrite=overwrite)
@@ -171,7 +180,31 @@ def train(
     # before the run directory exists; applied for this run only, restored after.
     strategy, policy = device_policy.resolve_device_policy(config)
     with device_policy.run_settings(policy):
-        return _run(config, workdir, plan, strategy, policy, log)
+        return _run(config, workdir, plan, strategy, policy, log, callbacks)
+
+
+def check_callbacks(callbacks) -> list:
+    """`callbacks` as a list of `keras.callbacks.Callback` (ValueError naming one that is not)."""
+    if (
+        callbacks is None
+        or not hasattr(callbacks, "__iter__")
+        or isinstance(callbacks, (str, bytes, dict))
+    ):
+        raise ValueError(
+            "callbacks must be a list of keras.callbacks.Callback instances; received "
+            f"callbacks={callbacks!r}."
+        )
+    callbacks = list(callbacks)
+    if callbacks:
+        import keras
+
+        for i, callback in enumerate(callbacks):
+            if not isinstance(callback, keras.callbacks.Callback):
+                raise ValueError(
+                    f"callbacks[{i}] must be a keras.callbacks.Callback instance; received "
+                    f"{callback!r} of type {type(callback).__name__}."
+                )
+    return callbacks
 
 
 def progress_verbosity(verbose: int, stream=None) -> int:
@@ -189,11 +222,12 @@ def progress_verbosity(verbose: int, stream=None) -> int:
     return 1 if isatty is not None and isatty() else 2
 
 
-def _run(config, workdir, plan, strategy, policy, log) -> dict:
+def _run(config, workdir, plan, strategy, policy, log, user_callbacks) -> dict:
     """`train` after the checks that need no TensorFlow, under the run's device settings."""
     import keras
 
     from noisy_keras.engine import fit as training
+    from noisy_keras.noise.callbacks import NoiseLogger
     from noisy_keras.run import recipe
 
     verbose = progress_verbosity(config.verbose)
@@ -238,9 +272,11 @@ def _run(config, workdir, plan, strategy, policy, log) -> dict:
             f"noisy_keras.train: resuming {workdir} at epoch {resume_from + 1} of "
             f"{config.epochs} (its checkpoint holds epochs 1-{resume_from})"
         )
-    callbacks = [
+    callbacks = [  # the noise first: the CSV, TensorBoard and the user's read its logs
+        NoiseLogger(),
         run_dir.metrics_callback(),
         keras.callbacks.TensorBoard(run_dir.tensorboard_dir, write_graph=False),
+        *user_callbacks,
         _cli.interrupt_callback(),
     ]
     try:

@@ -11,7 +11,9 @@ import keras
 import numpy as np
 import pytest
 from absl import flags
+from tensorboard_events import read_scalars
 
+from noisy_keras import NoiseLogger
 from noisy_keras.data import datasets
 from noisy_keras.engine import rundir as workdir_lib
 from noisy_keras.noise.chain import current_noise_stddev
@@ -103,15 +105,19 @@ def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
         **{**TINY, "epochs": 3}, lr_decay_epochs=(2,), lr_decay_factor=0.5, noise_alpha=1e-3
     )
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    summary = train_lib.train(config, straight_dir, log=None)
+    probe = _LogsProbe()
+    summary = train_lib.train(config, straight_dir, log=None, callbacks=[probe])
     rows = workdir_lib.read_metrics(os.path.join(straight_dir, "metrics.csv"))
+    scalars = read_scalars(os.path.join(straight_dir, "tensorboard", "train"))
 
-    # Each row: epochs from 1; rate and sigma of the epoch's first update (e - 1) * U.
+    # Each row: epochs from 1; the rate of the epoch's first update (e - 1) * U, sigma of its
+    # last, e * U - 1 (NoiseLogger's logs, which TensorBoard records too).
     data = datasets.load_dataset("digits", seed=0)
     updates = data.steps_per_epoch(128)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     for row in rows:
         step = (row["epoch"] - 1) * updates
+        last = row["epoch"] * updates - 1
         rate = schedule_lib.learning_rate_at(
             step,
             peak_learning_rate=0.2,
@@ -119,10 +125,28 @@ def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
             decay_factor=0.5,
             decay_epochs=(2,),
         )
-        sigma = np.sqrt(1e-3 / (1.0 + step) ** 0.55)
+        sigma = np.sqrt(1e-3 / (1.0 + last) ** 0.55)
         assert row["learning_rate"] == pytest.approx(rate, rel=1e-6)  # float32 rounding
         assert row["noise_stddev"] == pytest.approx(sigma, rel=1e-6)
         assert row["gap"] == row["accuracy"] - row["val_accuracy"]
+        epoch = row["epoch"] - 1  # TensorBoard's and Keras' epochs count from 0
+        assert scalars["epoch_noise_stddev"][epoch] == pytest.approx(sigma, rel=1e-6)
+        assert scalars["epoch_noise_step"][epoch] == last
+        assert scalars["epoch_gap"][epoch] == pytest.approx(row["gap"], abs=1e-7)  # float32
+    # The user's callback, after the job's own, saw those logs, every epoch.
+    assert [epoch for epoch, _ in probe.epochs] == [0, 1, 2]
+    for (_, logs), row in zip(probe.epochs, rows):
+        assert (logs["noise_stddev"], logs["gap"]) == (row["noise_stddev"], row["gap"])
+    # ... with the keys a callback after NoiseLogger sees in Keras' own fit.
+    in_fit = _LogsProbe()
+    keras.models.load_model(os.path.join(straight_dir, "model.keras")).fit(
+        data.val_batches(128),
+        validation_data=data.val_batches(128),
+        epochs=1,
+        verbose=0,
+        callbacks=[NoiseLogger(), in_fit],
+    )
+    assert {key for _, logs in probe.epochs for key in logs} == set(in_fit.epochs[0][1])
     assert [row["learning_rate"] for row in rows] == pytest.approx([0.2, 0.2, 0.1], rel=1e-6)
 
     # The summary's accuracies are those of a separate evaluation on each whole split.
@@ -239,28 +263,60 @@ def test_refused_bad_inputs_leave_no_directory(tmp_path, changes, error, message
     assert not workdir.exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "callbacks, message",
+    [
+        ([NoiseLogger(), print], r"callbacks\[1\] must be a keras.callbacks.Callback .*builtin"),
+        (None, r"callbacks must be a list of keras.callbacks.Callback .*callbacks=None"),
+        (NoiseLogger(), r"callbacks must be a list of keras.callbacks.Callback"),
+    ],
+)
+def test_bad_callbacks_are_named_and_leave_no_directory(tmp_path, callbacks, message):
+    workdir = tmp_path / "runs" / "refused"
+    with pytest.raises(ValueError, match=message):
+        train_lib.train(config_lib.TrainConfig(**TINY), str(workdir), callbacks=callbacks)
+    assert not (tmp_path / "runs").exists()
+
+
 def dataclasses_replace(config, **changes):
     return dataclasses.replace(config, **changes)  # unvalidated: train() must refuse it
 
 
-def test_a_crash_ends_in_status_failed_and_a_rerun_finishes(tmp_path, monkeypatch):
-    class CrashInEpoch2(keras.callbacks.Callback):
+class _LogsProbe(keras.callbacks.Callback):
+    """Records the epochs a callback is called for and the logs it gets at each epoch's end."""
+
+    def __init__(self):
+        super().__init__()
+        self.begun, self.epochs = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begun.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append((epoch, dict(logs)))
+
+
+def test_a_crash_ends_in_status_failed_and_a_rerun_finishes(tmp_path):
+    class CrashInEpoch2(keras.callbacks.Callback):  # a user's callback that fails
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1:
                 raise RuntimeError("disk full\nsecond line of the error")
 
-    monkeypatch.setattr(_cli, "interrupt_callback", CrashInEpoch2)
     workdir = str(tmp_path / "run")
     config = config_lib.TrainConfig(**{**TINY, "epochs": 3})
     with pytest.raises(RuntimeError, match="disk full"):
-        train_lib.train(config, workdir, log=None)
+        train_lib.train(config, workdir, log=None, callbacks=[CrashInEpoch2()])
     assert workdir_lib.RunDir(workdir).read_status() == {
         "status": "failed",
         "epochs_completed": 1,
         "message": "RuntimeError: disk full",
     }
-    monkeypatch.undo()
-    assert train_lib.train(config, workdir, log=None)["status"] == "done"
+    # The rerun resumes at epoch 2: the user's callback is called as Keras' fit with
+    # initial_epoch=1 calls it, for epochs 1 and 2 (from 0).
+    probe = _LogsProbe()
+    assert train_lib.train(config, workdir, log=None, callbacks=(probe,))["status"] == "done"
+    assert probe.begun == [1, 2] and [epoch for epoch, _ in probe.epochs] == [1, 2]
+    assert all({"noise_stddev", "noise_step", "gap"} <= set(logs) for _, logs in probe.epochs)
     assert [r["epoch"] for r in workdir_lib.read_metrics(os.path.join(workdir, "metrics.csv"))] == [
         1,
         2,
