@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 
 import keras
 import tensorflow as tf
@@ -42,6 +43,8 @@ _OPTIMIZER_METHODS = ("_clip_gradients",)
 
 # Methods of tf.data.Dataset read below.
 _DATASET_METHODS = ("_as_serialized_graph",)
+# Attributes a keras.callbacks.BackupAndRestore instance has.
+_BACKUP_INSTANCE_ATTRIBUTES = ("_training_metadata_path",)
 
 
 def _private(module: str, name: str):
@@ -72,6 +75,10 @@ def missing_symbols() -> list[str]:
         if not hasattr(model, name):
             missing.append(f"keras.Model()..{name}")
     missing += [f"tf.data.Dataset.{n}" for n in _DATASET_METHODS if not hasattr(tf.data.Dataset, n)]
+    backup = keras.callbacks.BackupAndRestore("never-created")  # writes nothing until it saves
+    for name in _BACKUP_INSTANCE_ATTRIBUTES:
+        if not hasattr(backup, name):
+            missing.append(f"keras.callbacks.BackupAndRestore()..{name}")
     return missing
 
 
@@ -243,3 +250,25 @@ def dataset_graph_def(dataset: tf.data.Dataset):
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(dataset._as_serialized_graph().numpy())
     return graph_def
+
+
+# ---------------------------------------------------------------------------
+# Keras' BackupAndRestore callback (used by noisy_keras.engine.fit)
+# ---------------------------------------------------------------------------
+
+
+def backup_and_restore_epoch(callback: keras.callbacks.BackupAndRestore) -> int | None:
+    """The epoch `callback` will restart training at, or None when it holds no backup.
+
+    `BackupAndRestore` writes {"epoch": e, "batch": b} to its private
+    `_training_metadata_path` when it saves, and in `on_train_begin` loads the
+    weights and sets the model's private `_initial_epoch` to e. The engine must
+    know e before `fit` starts, to start its data stream at epoch e. (If the
+    latest weights are unreadable Keras falls back to the previous backup; this
+    reads the metadata of the latest.)
+    """
+    path = callback._training_metadata_path
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return int(json.load(f)["epoch"])

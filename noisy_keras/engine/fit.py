@@ -245,7 +245,13 @@ def fit(
         workdir: directory (a path or a `RunDir`) for checkpoints and
             status; None trains without either (no resume).
         validation_data, validation_steps: as in `keras.Model.fit`.
-        callbacks: Keras callbacks, run as in `model.fit`.
+        callbacks: Keras callbacks, run as in `model.fit`. A
+            `keras.callbacks.BackupAndRestore` resumes exactly too: its backup's
+            epoch is where training and the data restart (after the `workdir`
+            checkpoint, if both exist: Keras loads the backup's weights last).
+            Its mid-epoch backups (`save_freq` a number of batches) are refused:
+            Keras restarts such an epoch from its first batch with a later
+            batch's weights.
         strategy: the strategy; defaults to the model's (or the current one
             when `model` is a function).
         xla: "auto" (see `noisy_keras.engine.distribute.resolve_xla`), True or
@@ -275,6 +281,15 @@ def fit(
     check_positive_int("epochs", epochs)
     check_positive_int("steps_per_epoch", steps_per_epoch)
     check_positive_int("checkpoint_every_epochs", checkpoint_every_epochs)
+    backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
+    for backup in backups:
+        if backup.save_freq != "epoch":
+            raise ValueError(
+                f"callbacks holds keras.callbacks.BackupAndRestore(save_freq={backup.save_freq!r}"
+                "): Keras restarts a mid-epoch backup's epoch from its first batch with the "
+                "weights of a later batch, so the run would not continue exactly. Allowed: "
+                "save_freq='epoch', or the engine's own checkpoints (workdir=...)."
+            )
     k = check_positive_int("accumulation_steps", accumulation_steps)
     if steps_per_epoch % k:
         raise ValueError(
@@ -313,6 +328,10 @@ def fit(
             strategy=strategy,
         )
         initial_epoch = checkpointer.restore_latest()
+    for backup in backups:  # Keras' fit will start at the backup's epoch: so must the data
+        restored = internals.backup_and_restore_epoch(backup)
+        if restored is not None:
+            initial_epoch = restored
     guard = checkpointing.DivergenceGuard(steps_per_epoch)
     run_callbacks = [guard, *callbacks]
     if checkpointer is not None:

@@ -80,8 +80,7 @@ def noise_values(model: keras.Model) -> dict:
     values = {NOISE_STEP: step, NOISE_STDDEV: 0.0}
     wrapper = find_noisy_optimizer(model.optimizer)
     if wrapper is not None:
-        stddev = wrapper._noise_stddev_at(tf.constant(step, tf.int64))
-        values[NOISE_STDDEV] = float(stddev) if wrapper.adds_noise else 0.0
+        values[NOISE_STDDEV] = float(wrapper.noise_stddev_at(tf.constant(step, tf.int64)))
         if isinstance(wrapper, MatchedNoiseOptimizer) and wrapper.built:
             values[COVARIANCE_TRACE] = float(wrapper.covariance_trace)
     settings = multiplicative.active_multiplicative_noise(model)

@@ -51,6 +51,7 @@ import inspect
 import math
 import numbers
 import secrets
+import warnings
 from collections.abc import Callable
 
 import keras
@@ -69,6 +70,7 @@ _ENGINES: list[Callable[[keras.Model], int | None]] = []
 
 __all__ = [
     "MultiplicativeNoise",
+    "NOT_SAVED",
     "WEIGHTS_KEY_SALT",
     "active_multiplicative_noise",
     "check_layout",
@@ -76,6 +78,7 @@ __all__ = [
     "enable_multiplicative_noise",
     "example_weights",
     "global_offset",
+    "not_saved_message",
     "register_engine",
     "weighted_sample_weight",
 ]
@@ -276,7 +279,9 @@ def enable_multiplicative_noise(
     by the number of losses, not by the sum of the weights, so the weighted loss
     and its gradient are unbiased. Nothing extra is computed but n Philox
     blocks and a multiply: no second backward pass. The patch is not saved with
-    the model; call this again after loading.
+    the model: saving it (`model.save`, `to_json`) warns with the call that
+    continues the same weights after loading (the settings returned here; the
+    step counter is the optimizer's, which is saved).
 
     The size is either given (`variance`) or set by the learning-rate rule
     (`small_batch_size` and `lr_multiplier`): s^2 = max(0, (B/b)/m - 1)
@@ -363,10 +368,32 @@ def enable_multiplicative_noise(
             sample_weight = weighted_sample_weight(sample_weight, weights)
         return plain_compute_loss(x, y, y_pred, sample_weight, training=training)
 
+    plain_compile_config = model.get_compile_config
+
+    def get_compile_config():
+        # Called by `model.save`, `keras.saving.save_model`, `to_json`: say what they leave out.
+        warnings.warn(not_saved_message(settings), UserWarning, stacklevel=3)
+        return plain_compile_config()
+
     model.compute_loss = compute_loss
+    model.get_compile_config = get_compile_config
     setattr(model, _ATTRIBUTE, settings)
     model.train_function = None  # a train function traced before would not weight the examples
     return settings
+
+
+NOT_SAVED = "Multiplicative noise is not saved with the model"
+
+
+def not_saved_message(settings: MultiplicativeNoise) -> str:
+    """The warning a save of a model with multiplicative noise gives: how to continue it."""
+    return (
+        f"{NOT_SAVED} (it is a patch of this model object, not part of its config or "
+        "variables). After loading, call enable_multiplicative_noise(model, "
+        f"batch_size={settings.batch_size}, variance={settings.variance!r}, "
+        f"seed={settings.seed}) to continue the same weights: they are a function of the seed "
+        "and the optimizer's step counter, which is saved."
+    )
 
 
 def active_multiplicative_noise(model) -> MultiplicativeNoise | None:
@@ -406,7 +433,8 @@ def disable_multiplicative_noise(model: keras.Model) -> None:
     """
     if getattr(model, _ATTRIBUTE, None) is None:
         raise ValueError("enable_multiplicative_noise was not applied to this model.")
-    if "compute_loss" in vars(model):
-        del model.compute_loss
+    for patched in ("compute_loss", "get_compile_config"):
+        if patched in vars(model):
+            delattr(model, patched)
     setattr(model, _ATTRIBUTE, None)
     model.train_function = None

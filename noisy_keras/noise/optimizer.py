@@ -131,7 +131,17 @@ class GradientNoiseWrapper(keras.optimizers.Optimizer):
     @property
     def noise_stddev(self):
         """sigma_t for the next update t = `iterations`, as a float32 tensor (for logging)."""
-        return self._noise_stddev_at(tf.convert_to_tensor(self.iterations))
+        return self.noise_stddev_at(self.iterations)
+
+    def noise_stddev_at(self, step):
+        """sigma_t at update `step` (0 for the first), as a float32 tensor; 0 without noise.
+
+        For kinds whose size follows a measurement (`MatchedNoiseOptimizer`), the
+        size the current measurement gives, whatever `step` is.
+        """
+        if not self.adds_noise:
+            return tf.zeros([], tf.float32)
+        return self._noise_stddev_at(tf.convert_to_tensor(step))
 
     # ---- The noise size: each kind's ----------------------------------------------
 

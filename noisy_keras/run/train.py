@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -320,6 +321,8 @@ def _run(config, workdir, plan, strategy, policy, log, user_callbacks) -> dict:
 
 def _report(config, run_dir, result, dataset, batch_size, policy, log) -> dict:
     """After training: evaluates each whole split, saves the model, plots, writes the summary."""
+    from noisy_keras.noise import multiplicative
+
     rows = run_dir.read_metrics()
     summary = {"workdir": run_dir.path, "status": result.status, "message": result.message}
     summary["device_policy"] = policy
@@ -329,7 +332,9 @@ def _report(config, run_dir, result, dataset, batch_size, policy, log) -> dict:
             dataset.train_eval_batches(batch_size), verbose=0, return_dict=True
         )
         val_eval = model.evaluate(dataset.val_batches(batch_size), verbose=0, return_dict=True)
-        model.save(run_dir.model_path)
+        with warnings.catch_warnings():  # flags.txt holds the noise's settings: the job rebuilds it
+            warnings.filterwarnings("ignore", message=multiplicative.NOT_SAVED)
+            model.save(run_dir.model_path)
         summary.update(
             epochs=config.epochs,
             train_accuracy=float(train_eval["accuracy"]),

@@ -18,6 +18,7 @@ from noisy_keras.engine import fit as training
 from noisy_keras.engine import steps as replica_xla
 from noisy_keras.engine.distribute import make_strategy
 from noisy_keras.engine.rundir import RunDir
+from noisy_keras.noise.callbacks import NoiseLogger
 from noisy_keras.noise.optimizer import NoisyOptimizer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -272,6 +273,23 @@ def test_fit_rejects_epochs_that_end_inside_an_accumulation():
         )
 
 
+def test_fit_refuses_mid_epoch_backups_before_training(tmp_path):
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    x, y = _data(64)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), save_freq=3)
+    with pytest.raises(ValueError, match=r"BackupAndRestore\(save_freq=3\).*save_freq='epoch'"):
+        training.fit(
+            model,
+            epoch_batches((x, y), batch_size=8, seed=0),
+            epochs=1,
+            steps_per_epoch=8,
+            callbacks=[backup],
+            verbose=0,
+        )
+    assert int(model.optimizer.iterations) == 0 and not (tmp_path / "backup").exists()
+
+
 def test_accumulation_has_one_owner_the_engine():
     """An optimizer with Keras' own accumulation is refused, with the engine's argument named."""
     model = _model()
@@ -371,10 +389,12 @@ def test_keras_callbacks_keep_working_under_the_engine(tmp_path):
     x, y = _data(64)
     with strategy.scope():
         model = _model(batch_norm=True)
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
+        optimizer = NoisyOptimizer(keras.optimizers.SGD(0.1), alpha=1e-3, gamma=0.55, seed=1)
+        model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"])
     csv_path = tmp_path / "log.csv"
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     callbacks = [
+        NoiseLogger(),  # first: the callbacks after it record its values
         keras.callbacks.CSVLogger(str(csv_path)),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=10),
@@ -398,6 +418,12 @@ def test_keras_callbacks_keep_working_under_the_engine(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+    for row in rows:  # the epoch's last update, t = 4 (e + 1) - 1, under 2 replicas and XLA
+        t = 4 * (int(row["epoch"]) + 1) - 1
+        assert int(row["noise_step"]) == t
+        assert float(row["noise_stddev"]) == pytest.approx(np.sqrt(1e-3 / (1 + t) ** 0.55), 1e-6)
+        gap = float(row["accuracy"]) - float(row["val_accuracy"])
+        assert float(row["gap"]) == pytest.approx(gap, abs=1e-6)  # CSVLogger's float32 text
     if tensorboard:
         events = [f for _, _, fs in os.walk(tmp_path / "tb") for f in fs if "tfevents" in f]
         assert events
