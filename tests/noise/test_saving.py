@@ -132,3 +132,46 @@ def test_multiplicative_noise_warns_on_save_and_continues_when_enabled_again(tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model.save(tmp_path / "plain.keras")  # no noise, no warning
+
+
+@keras.saving.register_keras_serializable(package="noisy_keras_tests")
+class OwnCompile(keras.Sequential):
+    """A model compiled with defaults of its own when built, as KerasHub's tasks are."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compile()
+
+    def compile(self, optimizer="auto", loss="auto", **kwargs):
+        optimizer = keras.optimizers.Adam(1e-3) if optimizer == "auto" else optimizer
+        super().compile(optimizer=optimizer, loss="mse" if loss == "auto" else loss, **kwargs)
+
+
+def test_a_model_with_its_own_compile_loses_the_wrapper_and_the_documented_recipe_restores_it(
+    tmp_path,
+):
+    # Keras does not recompile such a model on loading (it warns); KerasHub's load_model and
+    # from_preset give back its default Adam at step 0. Keeping the optimizer's config and
+    # variables beside the model restores the wrapper and continues the same noise.
+    x, y = _data()
+    keras.utils.set_random_seed(1)
+    model = OwnCompile([keras.Input((5,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(2)])
+    model.compile(optimizer=NoisyOptimizer(keras.optimizers.SGD(0.05), 1e-2, 0.55, seed=3))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "m.keras")
+    optimizer_config = keras.optimizers.serialize(model.optimizer)
+    tf.train.Checkpoint(optimizer=model.optimizer).write(str(tmp_path / "optimizer" / "ckpt"))
+
+    with pytest.warns(UserWarning, match=r"compile\(\)` was not called as part of model loading"):
+        loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer) is keras.optimizers.Adam
+
+    optimizer = keras.optimizers.deserialize(optimizer_config)
+    loaded.compile(optimizer=optimizer)
+    optimizer.build(loaded.trainable_variables)
+    checkpoint = tf.train.Checkpoint(optimizer=optimizer)
+    checkpoint.read(str(tmp_path / "optimizer" / "ckpt")).assert_existing_objects_matched()
+    assert isinstance(loaded.optimizer, NoisyOptimizer) and int(optimizer.iterations) == 4
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    _assert_equal(_weights(model), _weights(loaded))
