@@ -52,8 +52,8 @@ from noisy_keras.run.config_rules import (  # the allowed values, re-exported wh
 
 # Fields that may differ when a run is resumed in its work directory: they do not
 # change what is trained (more epochs continue the same run; where the data lives
-# and how much is printed are not part of the experiment).
-RESUMABLE_FIELDS = ("epochs", "verbose", "data_dir")
+# and how much is printed or logged are not part of the experiment).
+RESUMABLE_FIELDS = ("epochs", "verbose", "data_dir", "noise_log_every")
 
 __all__ = [
     "DATASET_NAMES",
@@ -135,6 +135,8 @@ class TrainConfig:
     top5_accuracy: bool = False
     # Mixed precision (multi-GPU with XLA)
     precision: str = "float32"
+    # TensorBoard: the noise every N updates (logging only; may change on a resume)
+    noise_log_every: int = 0
 
     def flag_strings(self) -> dict:
         """The config as `{flag name: value as written in a flagfile}`, one per field."""
@@ -219,6 +221,11 @@ FIELD_HELP = {
     "zero_init_residual": "Zero-initialise the last BatchNormalization gamma of each block.",
     "lars_eeta": "LARS trust coefficient eta (optimizer=lars only).",
     "top5_accuracy": "Also report top-5 accuracy.",
+    "noise_log_every": (
+        "Also write sigma_t (and tr(Sigma) for matched noise) to TensorBoard every N parameter "
+        "updates, tags update_noise_stddev and update_noise_covariance_trace (0 = once per "
+        "epoch only)."
+    ),
     # Mixed precision (multi-GPU with XLA)
     "precision": "Keras dtype policy of the run (mixed: float16/bfloat16 compute, float32 logits).",
 }

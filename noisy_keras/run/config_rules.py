@@ -106,6 +106,7 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "zero_init_residual": (lambda v: isinstance(v, bool), "must be true or false"),
     "lars_eeta": (lambda v: is_finite_number(v) and v > 0, "must be > 0"),
     "top5_accuracy": (lambda v: isinstance(v, bool), "must be true or false"),
+    "noise_log_every": _int_at_least(0),
     # Mixed precision (multi-GPU with XLA)
     "precision": _one_of(PRECISION_CHOICES),
 }

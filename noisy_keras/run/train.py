@@ -273,8 +273,11 @@ def _run(config, workdir, plan, strategy, policy, log, user_callbacks) -> dict:
             f"noisy_keras.train: resuming {workdir} at epoch {resume_from + 1} of "
             f"{config.epochs} (its checkpoint holds epochs 1-{resume_from})"
         )
+    per_update = {}
+    if config.noise_log_every:
+        per_update = dict(log_dir=run_dir.tensorboard_dir, update_freq=config.noise_log_every)
     callbacks = [  # the noise first: the CSV, TensorBoard and the user's read its logs
-        NoiseLogger(),
+        NoiseLogger(**per_update),
         run_dir.metrics_callback(),
         keras.callbacks.TensorBoard(run_dir.tensorboard_dir, write_graph=False),
         *user_callbacks,

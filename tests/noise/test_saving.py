@@ -1,9 +1,8 @@
 """Every way of saving a model keeps its noise, or says what it leaves out.
 
-Covered elsewhere: `.keras`, `tf.train.Checkpoint` and `BackupAndRestore` with
-`NoisyOptimizer` in Keras' fit (tests/noise/test_optimizer.py), `.keras` with
-`MatchedNoiseOptimizer` (tests/noise/test_matched_noise.py), and the engine's
-own checkpoints with both kinds (tests/engine/test_noise_engine.py).
+Covered elsewhere: `.keras` with `MatchedNoiseOptimizer`
+(tests/noise/test_matched_noise.py) and the engine's own checkpoints
+(`tf.train.Checkpoint`) with both kinds (tests/engine/test_noise_engine.py).
 """
 
 import warnings
@@ -43,6 +42,89 @@ def _assert_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+class _StopAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("stopped")
+
+
+def test_keras_file_round_trip_restores_equal_optimizer(tmp_path):
+    x, y = _data()
+    inner = keras.optimizers.SGD(0.05, momentum=0.9, global_clipnorm=0.5)
+    optimizer = NoisyOptimizer(inner, 1e-3, 0.5, seed=77)
+    model = _model(optimizer)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects
+    restored = loaded.optimizer
+    assert isinstance(restored, NoisyOptimizer)
+    assert (restored.alpha, restored.gamma, restored.seed) == (1e-3, 0.5, 77)
+    assert restored.clipping == {"global_clipnorm": 0.5}
+    assert restored.inner_optimizer.global_clipnorm is None
+    assert restored.inner_optimizer.get_config() == optimizer.inner_optimizer.get_config()
+    assert int(restored.iterations) == 8
+    for a, b in zip(restored.variables, optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Both continue identically: same noise at step 8, same momentum.
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tf_checkpoint_restore_continues_noise_schedule(tmp_path):
+    x, y = _data()
+
+    def make():
+        return _model(NoisyOptimizer(keras.optimizers.SGD(0.05), 1e-2, 0.55, seed=5))
+
+    model = make()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(str(tmp_path / "ckpt"))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    resumed = make()
+    resumed.optimizer.build(resumed.trainable_variables)
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path).assert_consumed()
+    assert int(resumed.optimizer.iterations) == 4
+    resumed.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backup_and_restore_continues_noise_schedule(tmp_path):
+    x, y = _data()
+
+    def make():
+        return _model(NoisyOptimizer(keras.optimizers.SGD(0.05), 1e-2, 0.55, seed=6))
+
+    straight = make()
+    straight.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    interrupted = make()
+    with pytest.raises(RuntimeError, match="stopped"):
+        interrupted.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[backup, _StopAtEpoch(2)],
+        )
+    resumed = make()
+    resumed.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0, callbacks=[backup])
+    assert int(resumed.optimizer.iterations) == 16
+    for a, b in zip(straight.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_keras_file_under_mixed_float16_keeps_loss_scaling_noise_and_step(tmp_path):
     keras.config.set_dtype_policy("mixed_float16")
     x, y = _data()
@@ -58,16 +140,6 @@ def test_keras_file_under_mixed_float16_keeps_loss_scaling_noise_and_step(tmp_pa
     for m in (model, loaded):
         m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     _assert_equal(_weights(model), _weights(loaded))
-
-
-class _StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("stopped")
 
 
 def test_backup_and_restore_under_the_engine_continues_matched_noise(tmp_path):

@@ -102,7 +102,11 @@ def _without_wall_time(rows):
 def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
     # Step decay x0.5 after 2 epochs: the row of epoch 3 is the first with the decayed rate.
     config = config_lib.TrainConfig(
-        **{**TINY, "epochs": 3}, lr_decay_epochs=(2,), lr_decay_factor=0.5, noise_alpha=1e-3
+        **{**TINY, "epochs": 3},
+        lr_decay_epochs=(2,),
+        lr_decay_factor=0.5,
+        noise_alpha=1e-3,
+        noise_log_every=4,
     )
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     probe = _LogsProbe()
@@ -133,6 +137,11 @@ def test_metrics_rows_summary_and_resume_are_exact(tmp_path):
         assert scalars["epoch_noise_stddev"][epoch] == pytest.approx(sigma, rel=1e-6)
         assert scalars["epoch_noise_step"][epoch] == last
         assert scalars["epoch_gap"][epoch] == pytest.approx(row["gap"], abs=1e-7)  # float32
+    # --noise_log_every=4: sigma of every 4th update too.
+    per_update = scalars["update_noise_stddev"]
+    assert sorted(per_update) == list(range(0, 3 * updates, 4))
+    for step, value in per_update.items():
+        assert value == pytest.approx(np.sqrt(1e-3 / (1.0 + step) ** 0.55), rel=1e-6)
     # The user's callback, after the job's own, saw those logs, every epoch.
     assert [epoch for epoch, _ in probe.epochs] == [0, 1, 2]
     for (_, logs), row in zip(probe.epochs, rows):

@@ -127,7 +127,7 @@ REFUSED = [f for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE
 
 
 def test_the_fields_allowed_to_differ_on_resume_are_exactly_these():
-    assert set(RESUMABLE) == {"epochs", "verbose", "data_dir"}
+    assert set(RESUMABLE) == {"epochs", "verbose", "data_dir", "noise_log_every"}
 
 
 @pytest.mark.parametrize("field", REFUSED, ids=[f.name for f in REFUSED])
