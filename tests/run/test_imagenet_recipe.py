@@ -79,7 +79,23 @@ def imagenet_mock_dir(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("path", IMAGENET_FLAGFILES, ids=os.path.basename)
+# Each recipe without noise is its _noise twin with --noise_alpha=0 (the next test), so the
+# twins' mock steps train every recipe's flags; the noise-free path is the default one.
+NOISE_FLAGFILES = [p for p in IMAGENET_FLAGFILES if p.endswith("_noise.flags")]
+
+
+def test_each_recipe_without_noise_is_its_noise_twin_at_alpha_zero():
+    assert len(NOISE_FLAGFILES) == 3
+    for noisy in NOISE_FLAGFILES:
+        plain = noisy[: -len("_noise.flags")] + ".flags"
+        configs = [
+            config_lib.config_from_strings(config_lib.read_flagfile(p)) for p in (plain, noisy)
+        ]
+        assert configs[1].noise_alpha > 0
+        assert dataclasses.replace(configs[1], noise_alpha=0.0) == configs[0], plain
+
+
+@pytest.mark.parametrize("path", NOISE_FLAGFILES, ids=os.path.basename)
 def test_each_imagenet_flagfile_trains_one_mock_step(path, imagenet_mock_dir, tmp_path):
     values = {**config_lib.read_flagfile(path), **LAPTOP_OVERRIDES, "data_dir": imagenet_mock_dir}
     config = config_lib.config_from_strings(values)
