@@ -68,13 +68,11 @@ def test_keras_file_round_trip_restores_equal_optimizer(tmp_path):
     assert restored.inner_optimizer.global_clipnorm is None
     assert restored.inner_optimizer.get_config() == optimizer.inner_optimizer.get_config()
     assert int(restored.iterations) == 8
-    for a, b in zip(restored.variables, optimizer.variables):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_equal([np.asarray(v) for v in restored.variables], optimizer.variables)
     # Both continue identically: same noise at step 8, same momentum.
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    for a, b in zip(model.get_weights(), loaded.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    _assert_equal(_weights(model), _weights(loaded))
 
 
 def test_tf_checkpoint_restore_continues_noise_schedule(tmp_path):
@@ -93,8 +91,7 @@ def test_tf_checkpoint_restore_continues_noise_schedule(tmp_path):
     tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path).assert_consumed()
     assert int(resumed.optimizer.iterations) == 4
     resumed.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    for a, b in zip(model.get_weights(), resumed.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    _assert_equal(_weights(model), _weights(resumed))
 
 
 def test_backup_and_restore_continues_noise_schedule(tmp_path):
@@ -121,8 +118,7 @@ def test_backup_and_restore_continues_noise_schedule(tmp_path):
     resumed = make()
     resumed.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0, callbacks=[backup])
     assert int(resumed.optimizer.iterations) == 16
-    for a, b in zip(straight.get_weights(), resumed.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    _assert_equal(_weights(straight), _weights(resumed))
 
 
 def test_keras_file_under_mixed_float16_keeps_loss_scaling_noise_and_step(tmp_path):
