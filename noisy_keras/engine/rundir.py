@@ -319,7 +319,7 @@ def _metrics_csv_callback(path: str):
     class MetricsCSV(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.first_epoch = None
-            self.epoch_values = {}
+            self.learning_rate = None
             self.elapsed_before = 0.0
             self.session_start = time.time()
 
@@ -331,7 +331,7 @@ def _metrics_csv_callback(path: str):
                 write_csv(path, kept)
                 self.elapsed_before = kept[-1]["wall_time_s"] if kept else 0.0
                 self.session_start = time.time()
-            self.epoch_values = {"learning_rate": float(self.model.optimizer.learning_rate)}
+            self.learning_rate = float(self.model.optimizer.learning_rate)
             self.last_batch = -1
 
         def on_train_batch_end(self, batch, logs=None):
@@ -349,7 +349,7 @@ def _metrics_csv_callback(path: str):
                 "val_loss": logs.get("val_loss"),
                 "val_accuracy": logs.get("val_accuracy"),
                 "gap": logs.get("gap"),
-                **self.epoch_values,
+                "learning_rate": self.learning_rate,
                 "noise_stddev": logs.get("noise_stddev"),
                 "wall_time_s": round(self.elapsed_before + time.time() - self.session_start, 3),
             }

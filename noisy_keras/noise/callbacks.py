@@ -73,7 +73,11 @@ def noise_values(model: keras.Model) -> dict:
         `noise_multiplicative_variance` when `enable_multiplicative_noise` is in
         force (see the module docstring). Python numbers.
     """
-    applied = _updates_applied(model)
+    return _noise_values(model, _updates_applied(model))
+
+
+def _noise_values(model: keras.Model, applied: int) -> dict:
+    """`noise_values` once `applied`, the optimizer's update count, has been read."""
     if applied == 0:
         return {}
     step = applied - 1
@@ -81,7 +85,7 @@ def noise_values(model: keras.Model) -> dict:
     wrapper = find_noisy_optimizer(model.optimizer)
     if wrapper is not None:
         values[NOISE_STDDEV] = float(wrapper.noise_stddev_at(tf.constant(step, tf.int64)))
-        if isinstance(wrapper, MatchedNoiseOptimizer) and wrapper.built:
+        if isinstance(wrapper, MatchedNoiseOptimizer):  # built: it has applied an update
             values[COVARIANCE_TRACE] = float(wrapper.covariance_trace)
     settings = multiplicative.active_multiplicative_noise(model)
     if settings is not None:
@@ -166,10 +170,11 @@ class NoiseLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._writer is None:
             return
-        step = _updates_applied(self.model) - 1
+        applied = _updates_applied(self.model)
+        step = applied - 1
         if step < 0 or step % self.update_freq or step == self._last_written:
             return
-        values = noise_values(self.model)
+        values = _noise_values(self.model, applied)
         with self._writer.as_default():
             for key in (NOISE_STDDEV, COVARIANCE_TRACE):
                 if key in values:
