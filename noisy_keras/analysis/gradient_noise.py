@@ -78,7 +78,8 @@ def per_example_gradients(model: keras.Model, x, y, *, loss=None, batch_size: in
 
     Args:
         model: a built Keras model, called in inference mode.
-        x, y: arrays (x may be a structure of arrays) with N examples.
+        x: inputs with N examples (an array or a structure of arrays).
+        y: labels of the N examples.
         loss: a `keras.losses.Loss` or per-example loss function; default
             `SparseCategoricalCrossentropy(from_logits=True)`.
         batch_size: examples per vectorized chunk (memory grows with it).
@@ -278,7 +279,8 @@ def simple_noise_scale_from_norms(
     Args:
         small_sq_norms: |G_B_small|^2 for each repeat (e.g. per-replica gradients).
         big_sq_norms: |G_B_big|^2 for each repeat (e.g. the all-reduced gradient).
-        small_batch_size, big_batch_size: B_small < B_big.
+        small_batch_size: B_small < B_big.
+        big_batch_size: B_big.
         population_size: N when batches were drawn without replacement from N
             examples (applies the finite-population factor); None (default) for
             McCandlish et al.'s infinite-population formulas.
@@ -338,8 +340,10 @@ def simple_noise_scale(
 
     Args:
         model: a built Keras model, called in inference mode; not modified.
-        x, y: training arrays with N examples.
-        small_batch_size, big_batch_size: 1 <= B_small < B_big <= N.
+        x: training inputs, N examples.
+        y: training labels.
+        small_batch_size: B_small, 1 <= B_small < B_big.
+        big_batch_size: B_big <= N.
         num_repeats: number of batch pairs.
         seed: the seed.
         loss: a `keras.losses.Loss` or per-example loss function; default

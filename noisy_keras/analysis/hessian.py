@@ -119,7 +119,10 @@ def hessian_vector_product(model, data, vector, *, loss=None, batch_size: int = 
     """H v for the Hessian of the mean training loss; see `HessianOperator`.
 
     Args:
-        model, data, loss, batch_size: as in `HessianOperator`.
+        model: as in `HessianOperator`.
+        data: as in `HessianOperator`.
+        loss: as in `HessianOperator`.
+        batch_size: as in `HessianOperator`.
         vector: flat array of shape (number of trainable parameters,), in the order
             of `model.trainable_variables`.
 
@@ -144,7 +147,10 @@ def hessian_eigenvalues(
     """The k largest eigenvalues of the training-loss Hessian (sharpness for k = 1).
 
     Args:
-        model, data, loss, batch_size: as in `HessianOperator`.
+        model: as in `HessianOperator`.
+        data: as in `HessianOperator`.
+        loss: as in `HessianOperator`.
+        batch_size: as in `HessianOperator`.
         k: number of eigenvalues; ``method="power"`` supports only k = 1.
         method: ``"lanczos"`` (default; largest algebraic) or ``"power"``
             (shifted power iteration, `top_eigenvalue_power`).
@@ -178,7 +184,10 @@ def hessian_trace(
     """Hutchinson's estimate of the trace of the training-loss Hessian.
 
     Args:
-        model, data, loss, batch_size: as in `HessianOperator`.
+        model: as in `HessianOperator`.
+        data: as in `HessianOperator`.
+        loss: as in `HessianOperator`.
+        batch_size: as in `HessianOperator`.
         num_samples: number of Rademacher vectors (one Hessian-vector product each).
         seed: the seed.
 

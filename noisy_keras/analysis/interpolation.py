@@ -102,8 +102,8 @@ def interpolate_weights(weights_small, weights_large, alpha: float) -> list[np.n
     """(1 - alpha) * w_S + alpha * w_L for each pair of floating-point arrays.
 
     Args:
-        weights_small, weights_large: lists of arrays of equal shapes (e.g. from
-            `model.get_weights()`).
+        weights_small: a list of arrays (e.g. from `model.get_weights()`).
+        weights_large: a list of arrays of the same shapes.
         alpha: the interpolation coefficient; 0 gives `weights_small`, 1 gives
             `weights_large`, values outside [0, 1] extrapolate.
 
@@ -258,8 +258,8 @@ def interpolated_model(
     """A new model with weights theta(alpha) = (1 - alpha) theta_S + alpha theta_L.
 
     Args:
-        model_small, model_large: two models of the same architecture, or paths of
-            `.keras` files. Neither is modified.
+        model_small: a model, or the path of a `.keras` file; not modified.
+        model_large: a model of the same architecture, or a path; not modified.
         alpha: interpolation coefficient.
         batchnorm: ``"interpolate"`` (default) or ``"recompute"``; see the module
             docstring.

@@ -142,8 +142,9 @@ def noise_temperatures(
         lr_multiplier: m = eta_B / eta_b of the scaling rule
             (`temperature.lr_multiplier_for_rule`): 1 none, B/b linear.
         kinds: which of `NOISE_KINDS` to measure.
-        alpha, gamma, step: the white noise's schedule and the update t it is
-            measured at.
+        alpha: the white noise's alpha.
+        gamma: the white noise's gamma.
+        step: the update t the white noise is measured at.
         num_draws: draws per kind (>= 2).
         replace: draw each batch's examples with replacement (default: without,
             as an epoch of shuffled batches does).
@@ -257,7 +258,8 @@ def measure_noise_temperatures(model, x, y, *, loss=None, **kwargs) -> dict[str,
 
     Args:
         model: a built Keras model; not modified.
-        x, y: training arrays with N examples.
+        x: training inputs, N examples.
+        y: training labels.
         loss: as in `per_example_gradients`.
         **kwargs: the keyword arguments of `noise_temperatures`.
     """

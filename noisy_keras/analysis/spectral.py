@@ -166,8 +166,11 @@ def top_eigenvalue_power(
     >= 0 and whose dominant one is lambda_max - lambda_1.
 
     Args:
-        matvec, dim, max_iterations, tolerance, seed: as in `power_iteration`
-            (`max_iterations` caps each of the two passes).
+        matvec: as in `power_iteration`.
+        dim: as in `power_iteration`.
+        max_iterations: as in `power_iteration`; it caps each of the two passes.
+        tolerance: as in `power_iteration`.
+        seed: as in `power_iteration`.
 
     Returns:
         An `EigenResult` (k = 1); `iterations` counts the products of both passes

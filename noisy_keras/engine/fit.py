@@ -244,7 +244,8 @@ def fit(
             `accumulation_steps`, so that checkpoints fall between updates.
         workdir: directory (a path or a `RunDir`) for checkpoints and
             status; None trains without either (no resume).
-        validation_data, validation_steps: as in `keras.Model.fit`.
+        validation_data: as in `keras.Model.fit`.
+        validation_steps: as in `keras.Model.fit`.
         callbacks: Keras callbacks, run as in `model.fit`. A
             `keras.callbacks.BackupAndRestore` resumes exactly too: its backup's
             epoch is where training and the data restart (after the `workdir`

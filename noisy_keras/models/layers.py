@@ -81,10 +81,14 @@ class GhostBatchNormalization(keras.layers.Layer):
         epsilon: added to the variance before the square root, > 0.
         center: whether to add the learned offset `beta`.
         scale: whether to multiply by the learned scale `gamma`.
-        beta_initializer, gamma_initializer, moving_mean_initializer,
-        moving_variance_initializer, beta_regularizer, gamma_regularizer,
-        beta_constraint, gamma_constraint: as in
-            `keras.layers.BatchNormalization`.
+        beta_initializer: as in `keras.layers.BatchNormalization`.
+        gamma_initializer: as in `keras.layers.BatchNormalization`.
+        moving_mean_initializer: as in `keras.layers.BatchNormalization`.
+        moving_variance_initializer: as in `keras.layers.BatchNormalization`.
+        beta_regularizer: as in `keras.layers.BatchNormalization`.
+        gamma_regularizer: as in `keras.layers.BatchNormalization`.
+        beta_constraint: as in `keras.layers.BatchNormalization`.
+        gamma_constraint: as in `keras.layers.BatchNormalization`.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
 
     Its weights are created in the order of `BatchNormalization`'s (gamma,

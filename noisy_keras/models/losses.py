@@ -52,7 +52,9 @@ class SmoothedSparseCategoricalCrossentropy(keras.losses.Loss):
 
     Args:
         label_smoothing: eps in [0, 1); 0 is plain sparse cross-entropy.
-        reduction, name, dtype: as in `keras.losses.Loss`.
+        reduction: as in `keras.losses.Loss`.
+        name: as in `keras.losses.Loss`.
+        dtype: as in `keras.losses.Loss`.
 
     Example:
         >>> model.compile(optimizer, loss=SmoothedSparseCategoricalCrossentropy(0.1))
