@@ -90,6 +90,7 @@ class Difference:
         ci_low, ci_high: the confidence interval of the difference.
         df: the Welch-Satterthwaite degrees of freedom.
         confidence: the confidence level.
+        p_value: the two-sided p-value of Welch's t-test of equal means.
     """
 
     difference: float
@@ -97,6 +98,7 @@ class Difference:
     ci_high: float
     df: float
     confidence: float
+    p_value: float
 
 
 def welch_difference(a, b, *, confidence: float = 0.95) -> Difference:
@@ -127,4 +129,29 @@ def welch_difference(a, b, *, confidence: float = 0.95) -> Difference:
     df = v**2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2.0, df=df)) * math.sqrt(v)
     d = mean_a - mean_b
-    return Difference(d, d - half, d + half, float(df), float(confidence))
+    p = 2.0 * float(scipy.stats.t.sf(abs(d) / math.sqrt(v), df=df))
+    return Difference(d, d - half, d + half, float(df), float(confidence), p)
+
+
+def holm_adjust(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values for a family of m tests (Holm 1979).
+
+    With the p-values sorted, p_(1) <= ... <= p_(m), the adjusted value of the k-th
+    smallest is max over j <= k of min(1, (m - j + 1) p_(j)); rejecting where it is
+    below a level controls the family-wise error rate at that level, under any
+    dependence between the tests. Returned in the order given.
+
+    Raises:
+        ValueError: a p-value outside [0, 1] or not a number.
+    """
+    values = [float(p) for p in p_values]
+    for i, p in enumerate(values):
+        if not 0.0 <= p <= 1.0:  # NaN fails too
+            raise ValueError(f"p_values[{i}] must be in [0, 1]; received {p!r}.")
+    m = len(values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: values[i])):
+        running = max(running, min(1.0, (m - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted

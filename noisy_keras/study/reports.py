@@ -11,7 +11,8 @@ Outputs in OUT:
                      accuracy, training accuracy, gap, sharpness and wall time
                      (accuracies in %, the gap in percentage points in table.md)
     differences.csv/.md   with a reference cell: each cell's mean minus the reference's,
-                     with Welch's 95% CI (`noisy_keras.analysis.stats.welch_difference`)
+                     with Welch's 95% CI and p-value (`noisy_keras.analysis.stats.welch_difference`)
+                     and Holm's adjusted p-value over the cells (`write_differences`)
     gap_<config>.png, val_<config>.png     gap / validation accuracy vs batch size (same units)
     noise_<config>_b<B>.png                validation curves with and without noise
 """
@@ -83,6 +84,43 @@ def collect_rows(out: str) -> list[dict]:
         )
     )  # fmt: skip
     return rows
+
+
+_TEXT_COLUMNS = ("cell", "base", "noise", "noise_label", "legend", "status", "dataset", "model")
+
+
+def read_results_csv(path: str) -> list[dict]:
+    """The rows of a results.csv as `collect_rows` made them (numbers as numbers).
+
+    The committed results of a study keep results.csv, not the run directories; the
+    differences can be recomputed from it (`write_differences`).
+    """
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            if key in _TEXT_COLUMNS:
+                continue
+            number = float(value)
+            row[key] = int(number) if key in ("batch_size", "seed", "epochs") else number
+            if key == "noise_batch_size":
+                row[key] = int(number)
+    return rows
+
+
+def write_differences(out: str, rows: list[dict], reference: str, name: str = "differences"):
+    """Writes OUT/NAME.csv and OUT/NAME.md: `differences` of validation accuracy and of the gap.
+
+    Holm's correction runs over each table's cells (the comparisons with `reference`).
+    """
+    diffs = differences(rows, reference) + differences(rows, reference, "gap")
+    _write_csv(os.path.join(out, f"{name}.csv"), diffs)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(differences_markdown(diffs[: len(diffs) // 2]) + "\n")
+        f.write(differences_markdown(diffs[len(diffs) // 2 :]))
+    return diffs
 
 
 def summarize_rows(rows: list[dict]) -> list[dict]:
@@ -210,6 +248,11 @@ def write_figures(out: str, rows: list[dict]) -> list[str]:
 def differences(rows: list[dict], reference: str, metric: str = "val_accuracy") -> list[dict]:
     """Per cell: its mean of `metric` minus the reference cell's, with Welch's 95% CI.
 
+    Each entry also holds Welch's two-sided p-value and, for the family of every
+    cell compared with the reference in this table, Holm's adjusted p-value
+    (`noisy_keras.analysis.stats.holm_adjust`): read a difference as established
+    only where the adjusted value is small.
+
     Args:
         rows: run rows (`collect_rows`); only finished runs count.
         reference: the name of the reference cell (`Cell.name`, the `cell` column).
@@ -242,12 +285,20 @@ def differences(rows: list[dict], reference: str, metric: str = "val_accuracy") 
                 ci_high=d.ci_high,
                 df=d.df,
                 excludes_zero=d.ci_low > 0 or d.ci_high < 0,
+                p_value=d.p_value,
             )
         else:
             mean = sum(sample) / len(sample) - sum(values[reference]) / len(values[reference])
             nan = float("nan")
-            entry.update(difference=mean, ci_low=nan, ci_high=nan, df=nan, excludes_zero=False)
+            entry.update(
+                difference=mean, ci_low=nan, ci_high=nan, df=nan, excludes_zero=False, p_value=nan
+            )
         table.append(entry)
+    tested = [e for e in table if not math.isnan(e["p_value"])]
+    for entry, adjusted in zip(tested, stats.holm_adjust([e["p_value"] for e in tested])):
+        entry["p_holm"] = adjusted
+    for entry in table:
+        entry.setdefault("p_holm", float("nan"))
     return table
 
 
@@ -257,18 +308,19 @@ def differences_markdown(table: list[dict], scale: float = 100.0) -> str:
         return ""
     lines = [
         f"Difference of mean {table[0]['metric']} from {table[0]['reference']} "
-        "(percentage points), Welch's 95% CI:",
+        "(percentage points), Welch's 95% CI, Welch's p and Holm's adjusted p over the "
+        f"{len(table)} cells:",
         "",
-        "| cell | n | difference | 95% CI | CI excludes 0 |",
-        "|---|---:|---:|---|---|",
+        "| cell | n | difference | 95% CI | p | Holm p |",
+        "|---|---:|---:|---|---:|---:|",
     ]
     for e in table:
-        ci = "-"
+        ci, p, holm = "-", "-", "-"
         if not math.isnan(e["ci_low"]):
             ci = f"[{scale * e['ci_low']:+.2f}, {scale * e['ci_high']:+.2f}]"
+            p, holm = f"{e['p_value']:.3f}", f"{e['p_holm']:.3f}"
         lines.append(
-            f"| {e['cell']} | {e['n']} | {scale * e['difference']:+.2f} | {ci} | "
-            f"{'yes' if e['excludes_zero'] else 'no'} |"
+            f"| {e['cell']} | {e['n']} | {scale * e['difference']:+.2f} | {ci} | {p} | {holm} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -301,11 +353,7 @@ def write_reports(
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown_table(table))
     if reference:
-        diffs = differences(rows, reference) + differences(rows, reference, "gap")
-        _write_csv(os.path.join(out, "differences.csv"), diffs)
-        with open(os.path.join(out, "differences.md"), "w") as f:
-            f.write(differences_markdown(diffs[: len(diffs) // 2]) + "\n")
-            f.write(differences_markdown(diffs[len(diffs) // 2 :]))
+        write_differences(out, rows, reference)
     if noise_temperature_at:
         entries = temperatures.noise_temperature_rows(rows, noise_temperature_at)
         _write_csv(os.path.join(out, "noise_temperature.csv"), entries)

@@ -81,7 +81,18 @@ def test_welch_difference_matches_the_hand_computed_interval():
     # the interval agrees with the unequal-variance t test: 0 lies outside iff p < 0.05
     p = scipy.stats.ttest_ind(a, b, equal_var=False).pvalue
     assert (d.ci_high < 0) == (p < 0.05)
+    assert d.p_value == pytest.approx(p, rel=1e-10)
     with pytest.raises(ValueError, match="b needs at least two values"):
         stats.welch_difference(a, [1.0])
     with pytest.raises(ValueError, match="no spread"):
         stats.welch_difference([1.0, 1.0], [2.0, 2.0])
+
+
+def test_holm_adjust_matches_the_step_down_rule_by_hand():
+    # sorted 0.01 < 0.02 < 0.03 < 0.5 (m = 4): 4 x 0.01, max(0.04, 3 x 0.02), max(.., 2 x 0.03), 0.5
+    assert stats.holm_adjust([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert stats.holm_adjust([0.4, 0.3]) == pytest.approx([0.6, 0.6])  # monotone, capped
+    assert stats.holm_adjust([0.9, 0.8]) == [1.0, 1.0]
+    assert stats.holm_adjust([]) == []
+    with pytest.raises(ValueError, match=r"p_values\[1\] must be in \[0, 1\]; received nan"):
+        stats.holm_adjust([0.1, float("nan")])

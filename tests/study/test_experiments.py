@@ -208,6 +208,10 @@ def test_reports_collect_every_invocation_and_compare_with_a_reference(
         assert d["difference"] == pytest.approx(expected)
         if not math.isnan(d["ci_low"]):
             assert d["ci_low"] < d["difference"] < d["ci_high"]
+            assert d["p_holm"] >= d["p_value"] and (d["p_value"] < 0.05) == d["excludes_zero"]
+    assert reports.read_results_csv(os.path.join(out, "results.csv")) == [
+        {k: v for k, v in r.items() if k != "workdir"} for r in rows
+    ]  # the committed CSV gives back the rows the differences are computed from
     markdown = open(os.path.join(out, "differences.md")).read()
     assert "from tiny-b128-none" in markdown and "| tiny-b256-none | 2 |" in markdown
     with pytest.raises(ValueError, match=r"reference='tiny-b64-none' has no finished runs; cells"):
