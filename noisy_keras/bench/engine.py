@@ -39,20 +39,43 @@ def _engine_strategy(mirrored: bool):
     return distribute.make_strategy("mirrored", len(gpus) if gpus else ENGINE_DEVICES)
 
 
+# How each configuration is built: (MirroredStrategy, Keras' jit_compile, the engine's
+# jit_compile or None without the engine). Spelled out, never parsed from the name: a name
+# ending in "_xla" is also the end of "_no_xla".
+CONFIG_SETTINGS = {
+    "engine_mirrored_xla": (True, False, True),
+    "keras_mirrored": (True, False, None),
+    "keras_single_xla": (False, True, None),
+    "engine_mirrored_no_xla": (True, False, False),
+    "keras_single": (False, False, None),
+}
+
+
 def _engine_model(config: str, workload: workloads.Workload):
 
-    mirrored = "mirrored" in config
+    mirrored, keras_xla, engine_xla = CONFIG_SETTINGS[config]
     strategy = _engine_strategy(mirrored)
     with strategy.scope():
         model = workloads.build_workload_model(workload)
         model.compile(
             optimizer=NoisyOptimizer(keras.optimizers.SGD(0.01, momentum=0.9), seed=0),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=config == "keras_single_xla",
+            jit_compile=keras_xla,
         )
-    if config.startswith("engine"):
-        replica_xla.enable_replica_xla(model, jit_compile=config.endswith("_xla"))
+    if engine_xla is not None:
+        replica_xla.enable_replica_xla(model, jit_compile=engine_xla)
     return model, strategy
+
+
+def compiled_as(model, strategy) -> dict:
+    """How a benchmark model runs: replicas, Keras' own XLA, the engine and its XLA."""
+    engine = getattr(model, replica_xla.ATTRIBUTE, None)
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        "keras_xla": bool(model.jit_compile) and engine is None,
+        "engine": engine is not None,
+        "engine_xla": engine is not None and engine.jit_compile,
+    }
 
 
 def measure_engine(

@@ -239,3 +239,28 @@ def test_bad_flag_value_is_rejected_by_the_command_line(tmp_path):
     )
     assert completed.returncode != 0
     assert "--parts must be a comma-separated list" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("engine_mirrored_xla", dict(replicas=2, keras_xla=False, engine=True, engine_xla=True)),
+        ("keras_mirrored", dict(replicas=2, keras_xla=False, engine=False, engine_xla=False)),
+        ("keras_single_xla", dict(replicas=1, keras_xla=True, engine=False, engine_xla=False)),
+        (
+            "engine_mirrored_no_xla",
+            dict(replicas=2, keras_xla=False, engine=True, engine_xla=False),
+        ),
+        ("keras_single", dict(replicas=1, keras_xla=False, engine=False, engine_xla=False)),
+    ],
+)
+def test_each_engine_configuration_compiles_as_its_label_says(config, expected):
+    """`engine_mirrored_no_xla` once ran with XLA: its name ends in "_xla" too."""
+    from noisy_keras.bench import engine, workloads
+
+    assert set(engine.ENGINE_CONFIGS) == set(engine.CONFIG_SETTINGS)
+    label = engine.ENGINE_CONFIGS[config]
+    assert ("jit_compile=True" in label) == (expected["keras_xla"] or expected["engine_xla"])
+    assert ("MirroredStrategy" in label) == (expected["replicas"] == 2)
+    model, strategy = engine._engine_model(config, workloads.Workload(workloads.DIGITS_MLP, 64))
+    assert engine.compiled_as(model, strategy) == expected
