@@ -38,8 +38,8 @@ CORE = {
     *("tensorflow", "keras", "tensorflow-datasets", "numpy", "absl-py"),
     *("importlib-resources", "tensorboard"),  # what those fail to declare
 }
-EXTRAS = {"analysis", "study", "all", "test"}
-EXTRA_PACKAGES = ("matplotlib", "scipy", "mnist1d", "scikit-learn", "pytest")
+EXTRAS = {"analysis", "study", "all", "docs", "test"}
+EXTRA_PACKAGES = ("matplotlib", "scipy", "mnist1d", "scikit-learn", "pytest", "mkdocs")
 
 
 def _name(requirement: str) -> str:
