@@ -16,7 +16,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lowest first. The top-level `noisy_keras` (the public API) and the two command
 # shims (`python -m noisy_keras.train`, `... .experiments`) sit above everything.
 LAYERS = (
-    ("_validation", "_extras", "_keras_internals", "_structures"),
+    ("_validation", "_extras", "_keras_internals", "_structures", "install"),
     ("optim",),
     ("models",),
     ("noise",),
