@@ -188,6 +188,10 @@ def _measure_engine(workload, configs, rounds, steps_per_round) -> dict:
         if engine and other in by_name:
             ratio = engine["examples_per_s"] / by_name[other]["examples_per_s"]
             result[f"engine_vs_{other}"] = ratio
+    plain = by_name.get("engine_mirrored_no_xla")  # the engine's own cost, XLA aside
+    if plain and "keras_mirrored" in by_name:
+        ratio = plain["examples_per_s"] / by_name["keras_mirrored"]["examples_per_s"]
+        result["engine_no_xla_vs_keras_mirrored"] = ratio
     return result
 
 
@@ -198,7 +202,12 @@ def part(quick: bool) -> dict:
     else:
         runs = [
             (workloads.Workload(workloads.DIGITS_CNN, 512), list(ENGINE_CONFIGS), 8, 6),
-            (workloads.Workload(workloads.RESNET20, 128), required, 4, 3),
+            (
+                workloads.Workload(workloads.RESNET20, 128),
+                [*required, "engine_mirrored_no_xla"],
+                4,
+                3,
+            ),
         ]
     results = []
     for workload, configs, rounds, steps in runs:

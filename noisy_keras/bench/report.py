@@ -87,7 +87,7 @@ def format_tables(results: dict) -> str:
                     ],
                 )
             )  # fmt: skip
-            ratios = [f"{key}: {case[key]:.2f}x" for key in case if key.startswith("engine_vs_")]
+            ratios = [f"{key}: {case[key]:.2f}x" for key in case if key.startswith("engine_")]
             out.append("\n" + "; ".join(ratios) + "\n")
     tta = results.get("time_to_accuracy")
     if tta:

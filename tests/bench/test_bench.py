@@ -264,3 +264,43 @@ def test_each_engine_configuration_compiles_as_its_label_says(config, expected):
     assert ("MirroredStrategy" in label) == (expected["replicas"] == 2)
     model, strategy = engine._engine_model(config, workloads.Workload(workloads.DIGITS_MLP, 64))
     assert engine.compiled_as(model, strategy) == expected
+
+
+def engine_table(paths) -> str:
+    """The benchmarks page's engine table, from the committed runs of `--parts=engine`."""
+    from noisy_keras.bench.engine import ENGINE_CONFIGS
+
+    runs = [json.load(open(p)) for p in paths]
+    cells = {}
+    for run in runs:
+        assert run["meta"]["tensorflow"] == "2.21.0" and run["meta"]["keras"] == "3.15.1"
+        for case in run["engine"]["cases"]:
+            for row in case["configs"]:
+                cells.setdefault(row["config"], {}).setdefault(case["model"], []).append(
+                    f"{row['examples_per_s']:.0f}"
+                )
+            for key, ratio in case.items():
+                if key.startswith("engine_"):
+                    cells.setdefault(key, {}).setdefault(case["model"], []).append(f"{ratio:.2f}x")
+    lines = [
+        "| configuration | cnn, B=512 | resnet20, B=128 |",
+        "|---|---|---|",
+    ]
+    for key, by_model in cells.items():
+        label = ENGINE_CONFIGS.get(key, key)
+        lines.append(
+            f"| {label} | "
+            + " | ".join(", ".join(by_model.get(m, ["-"])) for m in ("cnn", "resnet20"))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def test_the_benchmarks_page_shows_the_committed_engine_runs():
+    paths = sorted(
+        os.path.join(REPO, "results", "bench", name)
+        for name in os.listdir(os.path.join(REPO, "results", "bench"))
+        if name.startswith("engine_run")
+    )
+    page = open(os.path.join(REPO, "docs", "how-to", "benchmarks.md")).read()
+    assert engine_table(paths) in page
