@@ -185,8 +185,8 @@ def resolve_xla(xla, strategy=None) -> bool:
     """Resolves `xla` ("auto", True or False) for the devices of `strategy`.
 
     Rule for "auto": XLA on when the strategy's replicas run on GPUs (or
-    TPUs), off on CPU, where XLA's per-replica compilation was measured
-    slower for small models (see the README's "Multi-GPU with XLA").
+    TPUs), off on CPU, where XLA's per-replica compilation measured slower
+    for the models of the engine benchmark (docs/how-to/benchmarks.md).
 
     Raises:
         ValueError: `xla` is not "auto", True or False.

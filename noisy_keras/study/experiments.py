@@ -16,8 +16,9 @@ resumes where it stopped when the same command is run again (a run stopped
 half-way resumes from its last checkpoint). After training, the sharpness of
 each run (top Hessian eigenvalue of the training loss on a fixed subset of
 training examples, Jastrzebski et al. 2018) is measured once and stored next
-to it. `--same_updates` gives every batch size as many updates as the base
-batch (Hoffer et al. 2017).
+to it. `--same_updates` gives every batch size as many epochs' worth of updates as
+the base batch, B/b times its epochs (Hoffer et al. 2017; equal update counts when
+both batch sizes divide the training set, see `grid.same_updates_changes`).
 
 `--alphas` gives white-noise cells (alpha 0 meaning no noise; the original
 grid), and `--noises` any kinds: `none`, `white:ALPHA`, `matched:b`,
