@@ -110,3 +110,34 @@ def test_the_readme_headline_is_the_study_and_the_reproduction(rows):
     allowed |= {low.lstrip("+-"), high.lstrip("+-")}
     assert _numbers(headline) - allowed == set()
     assert np.isclose(len(differences), 8)  # 2 data sets x 4 batch sizes
+
+
+PAPER = {"64", "74.45", "70.29", "67.86", "72.07", "71.01", "0.42"}  # Table 2, quoted as such
+REPRODUCTION = {"1e-4", "0.32", "25", "40", "95"}  # lr at B=1024, decay epochs, CI level
+
+
+def test_the_reproduction_page_quotes_its_tables_and_counts():
+    page = open(os.path.join(REPO, "docs", "reproduction.md")).read()
+    offline = reports.read_results_csv(os.path.join(REPO, "results", "offline", "results.csv"))
+    longer = reports.read_results_csv(os.path.join(REPO, "results", "longer", "results.csv"))
+    assert f"\n{len(offline)} runs;" in page and len(offline) == 160
+    assert f"# {len(longer)} runs" in page and len(longer) == 15
+    for name in ("offline", "longer"):  # the tables are the committed files, included
+        assert f'--8<-- "results/{name}/table.md"' in page
+    # the recipe's seed-0 run that the page says `--recipe=digits_b1024_noise` prints
+    (row,) = [r for r in offline if r["cell"] == "repro_digits-b1024-a1e-05" and r["seed"] == 0]
+    assert f"accuracy {row['val_accuracy']:.4f}, the value in" in page
+    # updates per epoch of the "trained longer" comparison: full batches of the digits split
+    from noisy_keras.data.datasets import load_dataset
+
+    digits = load_dataset("digits")
+    assert f"among the {digits.num_train:,} training digits" in page
+    assert f"B=128's {digits.steps_per_epoch(128) * 30} in 30 epochs" in page
+    assert f"{digits.steps_per_epoch(1024) * 240} updates of the one full batch" in page
+    tables = "".join(
+        open(os.path.join(REPO, "results", name, "table.md")).read()
+        for name in ("offline", "longer")
+    )
+    allowed = _numbers(tables) | SETTING | PAPER | REPRODUCTION
+    allowed |= {"160", "15", "0.9401", "300", "1346"}
+    assert _numbers(_prose(page)) - allowed == set()
