@@ -182,24 +182,37 @@ def test_every_public_name_imports_first_in_a_fresh_interpreter(tmp_path):
 
 
 def test_the_notebooks_install_cell_keeps_colabs_tensorflow(tmp_path):
-    """Colab has TensorFlow and Keras installed: the install pins them, so pip cannot swap them."""
+    """Colab has TensorFlow and Keras installed: the notebooks' install pins them where supported.
+
+    The cell first installs the package alone (`--no-deps`: pip changes nothing else), then
+    `noisy_keras.install.install_beside_installed` asks for the extras with TensorFlow and
+    Keras pinned to the installed versions (tests/test_install.py runs the cell itself). On
+    this bare install, with the wheel's own metadata, the plan pins what is installed.
+    """
+    import importlib.metadata
     import json
+
+    from noisy_keras import install
 
     colab = pathlib.Path(__file__).resolve().parent.parent / "colab"
     notebooks = sorted(colab.glob("*.ipynb"))
     assert len(notebooks) == 3
     for notebook in notebooks:
         cells = json.loads(notebook.read_text())["cells"]
-        install = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
-        pip_line = next(line for line in install.splitlines() if "%pip install" in line)
-        assert pip_line.endswith("{keep}"), (notebook.name, pip_line)
-        # The notebooks plot and run grids: the package with every extra.
-        assert '"noisy_keras[all] @ git+https://' in pip_line, (notebook.name, pip_line)
-        assert "keep = f\"tensorflow=={version('tensorflow')} keras=={version('keras')}\"" in (
-            install
-        ), notebook.name
-        for option in (" -U", "--upgrade", "--force-reinstall", "--no-deps"):
-            assert option not in pip_line, (notebook.name, option)
+        cell = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+        (pip_line,) = [line.strip() for line in cell.splitlines() if "%pip install" in line]
+        assert pip_line == '%pip install -q --no-deps "noisy_keras @ {SOURCE}"', notebook.name
+        assert 'install.install_beside_installed(f"noisy_keras[all] @ {SOURCE}")' in cell
+        for option in (" -U", "--upgrade", "--force-reinstall"):
+            assert option not in cell, (notebook.name, option)
+    plan = install.requirements("noisy_keras[all]")
+    versions = {name: importlib.metadata.version(name) for name in ("tensorflow", "keras")}
+    assert plan.requirements == (
+        "noisy_keras[all]",
+        f"tensorflow=={versions['tensorflow']}",
+        f"keras=={versions['keras']}",
+    ), plan
+    assert plan.changed == ()
 
 
 if __name__ == "__main__":  # CI, before the test extras (pytest) are installed
