@@ -54,17 +54,19 @@ def supported_ranges(distribution: str = "noisy_keras") -> dict[str, str]:
     Raises:
         ValueError: the package is not installed, or does not declare one of them.
     """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     try:
         declared = importlib.metadata.requires(distribution) or []
     except importlib.metadata.PackageNotFoundError as error:
         raise ValueError(f"distribution={distribution!r} is not installed.") from error
     ranges = {}
-    for requirement in declared:
-        if "extra ==" in requirement:
-            continue
-        name, specifier = _split(requirement)
-        if name in KEPT:
-            ranges[name] = specifier
+    for line in declared:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name in KEPT and requirement.marker is None:  # an extra's requirement has a marker
+            ranges[name] = str(requirement.specifier)
     missing = [name for name in KEPT if name not in ranges]
     if missing:
         raise ValueError(f"{distribution} declares no version range for {', '.join(missing)}.")
@@ -153,17 +155,3 @@ def _installed_version(name: str) -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
 
-
-def _split(requirement: str) -> tuple[str, str]:
-    """'tensorflow<2.22,>=2.20' -> ('tensorflow', '<2.22,>=2.20'); markers dropped."""
-    requirement = requirement.split(";", 1)[0].strip()
-    for index, character in enumerate(requirement):
-        if character in "<>=!~ [(":
-            name, rest = requirement[:index], requirement[index:]
-            break
-    else:
-        name, rest = requirement, ""
-    rest = rest.strip().strip("()")
-    if rest.startswith("["):
-        rest = rest[rest.index("]") + 1 :].strip()
-    return name.strip().lower().replace("_", "-"), rest.replace(" ", "")

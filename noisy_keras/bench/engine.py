@@ -72,7 +72,7 @@ def compiled_as(model, strategy) -> dict:
     engine = getattr(model, replica_xla.ATTRIBUTE, None)
     return {
         "replicas": strategy.num_replicas_in_sync,
-        "keras_xla": bool(model.jit_compile) and engine is None,
+        "keras_xla": bool(model.jit_compile),  # enable_replica_xla sets it to False
         "engine": engine is not None,
         "engine_xla": engine is not None and engine.jit_compile,
     }

@@ -19,6 +19,7 @@ Outputs in OUT:
 
 from __future__ import annotations
 
+import csv
 import glob
 import math
 import os
@@ -87,6 +88,7 @@ def collect_rows(out: str) -> list[dict]:
 
 
 _TEXT_COLUMNS = ("cell", "base", "noise", "noise_label", "legend", "status", "dataset", "model")
+_INTEGER_COLUMNS = ("batch_size", "noise_batch_size", "seed", "epochs")
 
 
 def read_results_csv(path: str) -> list[dict]:
@@ -95,18 +97,12 @@ def read_results_csv(path: str) -> list[dict]:
     The committed results of a study keep results.csv, not the run directories; the
     differences can be recomputed from it (`write_differences`).
     """
-    import csv
-
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
         for key, value in row.items():
-            if key in _TEXT_COLUMNS:
-                continue
-            number = float(value)
-            row[key] = int(number) if key in ("batch_size", "seed", "epochs") else number
-            if key == "noise_batch_size":
-                row[key] = int(number)
+            if key not in _TEXT_COLUMNS:
+                row[key] = int(float(value)) if key in _INTEGER_COLUMNS else float(value)
     return rows
 
 
