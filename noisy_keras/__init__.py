@@ -79,6 +79,11 @@ def _help_requested() -> bool:
 if not _help_requested():
     _import_keras_with_tensorflow()
     # The public API, imported from the modules that define it.
+    from noisy_keras.engine.methods import (
+        disable_gradient_method,
+        enable_gradient_norm_penalty,
+        enable_sam,
+    )
     from noisy_keras.models.layers import GhostBatchNormalization
     from noisy_keras.models.losses import SmoothedSparseCategoricalCrossentropy
     from noisy_keras.models.zoo import build_model
@@ -92,21 +97,27 @@ if not _help_requested():
     from noisy_keras.noise.temperature import temperature_deficit
     from noisy_keras.optim.lars import LARS
     from noisy_keras.optim.lr import scale_learning_rate
+    from noisy_keras.optim.sharpness import SAM, GradientNormPenalty
     from noisy_keras.optim.schedule import WarmupStepDecay, paper_schedule
 
 __all__ = [
     "GhostBatchNormalization",
+    "GradientNormPenalty",
     "LARS",
     "MatchedNoiseOptimizer",
     "NoiseLogger",
     "NoisyOptimizer",
     "PAPER_ALPHA",
     "PAPER_GAMMA",
+    "SAM",
     "SmoothedSparseCategoricalCrossentropy",
     "WarmupStepDecay",
     "build_model",
     "current_noise_stddev",
+    "disable_gradient_method",
+    "enable_gradient_norm_penalty",
     "enable_multiplicative_noise",
+    "enable_sam",
     "find_noisy_optimizer",
     "noise_stddev",
     "noise_variance",

@@ -8,6 +8,15 @@ changed (BatchNormalization statistics, RNG state, per-output loss trackers).
 Because it captures no variable, each replica compiles and runs it on its own
 device (`tf.function(jit_compile=True)`); the steps around it
 (`noisy_keras.engine.steps`) write the values back and apply the update.
+
+A gradient method (`noisy_keras.engine.methods`: SAM, the gradient-norm
+penalty) replaces the train core by one that runs the plain core twice inside
+the same compiled function (`method_loss_and_gradients`): once at w, whose
+loss, predictions and state changes the step keeps (BatchNormalization's
+statistics and the metrics move once per step, at w), and once at the shifted
+weights, whose gradients it combines (`noisy_keras.optim.sharpness`). The
+second pass starts from the same state as the first, so a dropout layer draws
+the same masks in both.
 """
 
 from __future__ import annotations
@@ -16,9 +25,24 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
+from noisy_keras._structures import dense_all
 from noisy_keras.engine.state import changed, check_state_unchanged_in_length
+from noisy_keras.optim import sharpness
 
-__all__ = ["StatelessCores"]
+__all__ = ["METHOD_ATTRIBUTE", "StatelessCores", "gradient_method"]
+
+METHOD_ATTRIBUTE = "_noisy_keras_gradient_method"
+"""Name of the model attribute holding its gradient method (`noisy_keras.engine.methods`)."""
+
+
+def gradient_method(model: keras.Model):
+    """The model's active gradient method (`SAM`, `GradientNormPenalty`), or None.
+
+    A method with a zero setting (rho = 0, lambda = 0) is inactive: the plain
+    core runs, bit for bit.
+    """
+    method = getattr(model, METHOD_ATTRIBUTE, None)
+    return method if method is not None and method.active else None
 
 
 class StatelessCores:
@@ -29,6 +53,10 @@ class StatelessCores:
             train, test and predict cores.
         plain_loss_and_gradients: the train core uncompiled, for the noise
             kinds' variants (`noisy_keras.engine.hooks`), which compile their own.
+
+    `train_core(method, num_replicas)` is the compiled train core for a
+    gradient method (the plain one for None), `uncompiled_train_core` the same
+    uncompiled.
 
     Args:
         model: a compiled Keras model.
@@ -44,7 +72,9 @@ class StatelessCores:
         def compiled(fn):
             return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
 
+        self._compiled = compiled
         self.loss_and_gradients = compiled(self.plain_loss_and_gradients)
+        self._method_cores = {}
         self.loss_and_predictions = compiled(self._loss_and_predictions)
         self.predictions = compiled(self._predictions)
 
@@ -80,6 +110,74 @@ class StatelessCores:
             scaled_loss = loss * tf.cast(loss_scale, loss.dtype)
         gradients = tape.gradient(scaled_loss, trainable)
         return loss, gradients, y_pred, non_trainable, metrics
+
+    def uncompiled_train_core(self, method, num_replicas: int):
+        """The train core for `method` (None: the plain one) with R replicas, uncompiled."""
+        if method is None:
+            return self.plain_loss_and_gradients
+
+        def method_loss_and_gradients(trainable, non_trainable, metrics, loss_scale, x, y, sw):
+            return self._method_loss_and_gradients(
+                method, num_replicas, trainable, non_trainable, metrics, loss_scale, x, y, sw
+            )
+
+        return method_loss_and_gradients
+
+    def train_core(self, method, num_replicas: int):
+        """The compiled train core for `method` (None: `loss_and_gradients`), one per key."""
+        if method is None:
+            return self.loss_and_gradients
+        key = (method, num_replicas)
+        if key not in self._method_cores:
+            core = self.uncompiled_train_core(method, num_replicas)
+            self._method_cores[key] = self._compiled(core)
+        return self._method_cores[key]
+
+    def method_cores(self) -> list:
+        """The gradient methods' compiled train cores traced so far (to inspect, e.g. for XLA)."""
+        return list(self._method_cores.values())
+
+    def _method_loss_and_gradients(
+        self, method, num_replicas, trainable, non_trainable, metrics, loss_scale, x, y, sw
+    ):
+        """Two passes of the plain core: at w (kept) and at shifted weights (module doc)."""
+        core = self.plain_loss_and_gradients
+        inputs = (non_trainable, metrics, loss_scale, x, y, sw)
+        trainable = list(trainable)
+        penalty = isinstance(method, sharpness.GradientNormPenalty)
+        if penalty and method.gradient == "double_backprop":
+            # c = loss scale / R: the core's gradients are c grad L (Keras divides by R).
+            scale = tf.cast(loss_scale, tf.float32) / float(num_replicas)
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                loss, gradients, y_pred, new_non_trainable, new_metrics = core(trainable, *inputs)
+                gradients = dense_all(gradients)
+                # c (L + lambda |grad L|^2) = scaled loss + lambda |c grad L|^2 / c.
+                objective = tf.cast(loss, tf.float32) * tf.cast(loss_scale, tf.float32)
+                objective += method.strength * tf.square(sharpness.global_norm(gradients)) / scale
+            gradients = tape.gradient(objective, trainable)
+            return loss, gradients, y_pred, new_non_trainable, new_metrics
+        loss, gradients, y_pred, new_non_trainable, new_metrics = core(trainable, *inputs)
+        gradients = dense_all(gradients)
+        if isinstance(method, sharpness.SAM):
+            shift = sharpness.sam_perturbation(
+                gradients, trainable, rho=method.rho, adaptive=method.adaptive, eta=method.eta
+            )
+        else:
+            shift = sharpness.finite_difference_step(gradients, trainable, epsilon=method.epsilon)
+        shifted = [w if d is None else w + d for w, d in zip(trainable, shift, strict=True)]
+        shifted_gradients = dense_all(core(shifted, *inputs)[1])
+        if isinstance(method, sharpness.SAM):
+            gradients = shifted_gradients
+        else:
+            gradients = sharpness.finite_difference_penalty_gradients(
+                gradients,
+                shifted_gradients,
+                strength=method.strength,
+                epsilon=method.epsilon,
+                gradient_scale=tf.cast(loss_scale, tf.float32) / float(num_replicas),
+            )
+        return loss, gradients, y_pred, new_non_trainable, new_metrics
 
     def _loss_and_predictions(self, trainable, non_trainable, metrics, x, y, sw):
         loss, y_pred, non_trainable, metrics = self._forward_and_loss(

@@ -58,6 +58,7 @@ import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
 from noisy_keras._structures import batch_size, dense_all, replica_in_sync
+from noisy_keras.engine.cores import gradient_method
 from noisy_keras.models.layers import GhostBatchNormalization
 from noisy_keras.noise import covariance, multiplicative
 from noisy_keras.noise.chain import find_wrapper
@@ -214,10 +215,10 @@ class EngineNoise:
     settings, halves) in force, traced when first used.
     """
 
-    def __init__(self, steps, plain_core):
-        """`steps`: the engine's `_ReplicaXLASteps`; `plain_core`: its uncompiled pure core."""
+    def __init__(self, steps, cores):
+        """`steps`: the engine's `_ReplicaXLASteps`; `cores`: its `StatelessCores`."""
         self._steps = steps
-        self._plain_core = plain_core
+        self._cores_of_model = cores
         self._cores = {}
         self.spread = None
         if steps.accumulation_steps > 1:
@@ -287,11 +288,12 @@ class EngineNoise:
         )
 
     def _core(self, settings, halves: bool):
-        key = (settings, halves)
+        # The train core of the model's gradient method (SAM, ...; engine.methods), per key.
+        method, num_replicas = gradient_method(self._steps.model), replica_in_sync()[1]
+        key = (settings, halves, method, num_replicas)
         if key not in self._cores:
-            function = functools.partial(
-                _noisy_loss_and_gradients, self._plain_core, settings, halves
-            )
+            core = self._cores_of_model.uncompiled_train_core(method, num_replicas)
+            function = functools.partial(_noisy_loss_and_gradients, core, settings, halves)
             self._cores[key] = tf.function(
                 function, jit_compile=self._steps.jit_compile, reduce_retracing=True
             )
@@ -309,7 +311,8 @@ class EngineNoise:
         """
         halves = noise.matched is not None and self._steps.accumulation_steps == 1
         if noise.weights is None and not halves:
-            return self._steps.loss_and_gradients(*core_inputs)
+            method = gradient_method(self._steps.model)
+            return self._cores_of_model.train_core(method, replica_in_sync()[1])(*core_inputs)
         outputs, noise.group_trace = self._core(noise.weights, halves)(
             *core_inputs, noise.step, noise.offset
         )

@@ -22,11 +22,11 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._structures import batch_size, dense_all
+from noisy_keras._structures import batch_size, dense_all, replica_in_sync
 from noisy_keras._validation import check_int
 from noisy_keras.engine import accumulation
 from noisy_keras.engine import hooks as noise_hooks
-from noisy_keras.engine.cores import StatelessCores
+from noisy_keras.engine.cores import StatelessCores, gradient_method
 from noisy_keras.engine.state import (
     assign,
     mean_over_replicas,
@@ -100,11 +100,12 @@ class _ReplicaXLASteps:
         )
         # The pure, compiled functions of each replica (engine.cores).
         cores = StatelessCores(model, jit_compile)
+        self.cores = cores
         self.loss_and_gradients = cores.loss_and_gradients
         self.loss_and_predictions = cores.loss_and_predictions
         self.predictions = cores.predictions
         # Noise kinds that need the step (multiplicative weights, matched trace): noise_hooks.
-        self.noise = noise_hooks.EngineNoise(self, cores.plain_loss_and_gradients)
+        self.noise = noise_hooks.EngineNoise(self, cores)
 
     # ---- steps (replica context, outside XLA) ---------------------------------
 
@@ -157,10 +158,13 @@ class _ReplicaXLASteps:
             y,
             sample_weight,
         )
-        # ---- noise kinds (noise_hooks): None, and the plain core, unless one is on ----
+        # ---- gradient methods (engine.methods: SAM, ...) and noise kinds (noise_hooks):
+        # the plain core unless one is on ----
+        method = gradient_method(model)
         noise = self.noise.step(micro_batch, x)
         if noise is None:
-            loss, gradients, y_pred, non_trainable, metrics = self.loss_and_gradients(*core_inputs)
+            core = self.cores.train_core(method, replica_in_sync()[1])
+            loss, gradients, y_pred, non_trainable, metrics = core(*core_inputs)
         else:
             outputs = self.noise.loss_and_gradients(noise, core_inputs)
             loss, gradients, y_pred, non_trainable, metrics = outputs
