@@ -97,8 +97,8 @@ if not _help_requested():
     from noisy_keras.noise.temperature import temperature_deficit
     from noisy_keras.optim.lars import LARS
     from noisy_keras.optim.lr import scale_learning_rate
-    from noisy_keras.optim.sharpness import SAM, GradientNormPenalty
     from noisy_keras.optim.schedule import WarmupStepDecay, paper_schedule
+    from noisy_keras.optim.sharpness import SAM, GradientNormPenalty
 
 __all__ = [
     "GhostBatchNormalization",

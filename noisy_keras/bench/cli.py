@@ -12,7 +12,9 @@ mean nothing. Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
 Every comparison is a ratio of medians measured side by side in one process
 (`noisy_keras.bench.harness`); the load average before and after each part is
 recorded with it. Parts, one module each: noise (`noise_overhead`), noise_kinds
-(`noise_kinds`: each noise kind's step time through the engine vs none), engine,
+(`noise_kinds`: each noise kind's step time through the engine vs none), methods
+(`methods`: SAM, adaptive SAM, the gradient-norm penalty both ways and weight
+averaging, each one's update time vs plain SGD), engine,
 memory, input (`input_pipeline`: streamed input throughput and peak memory
 against dataset size), gpu_check (every registry model under MirroredStrategy +
 XLA in mixed precision: checks, then throughput; exits with 1 if a check fails),
@@ -41,6 +43,7 @@ from noisy_keras.run import _cli
 PART_MODULES = {
     "noise": "noise_overhead",
     "noise_kinds": "noise_kinds",
+    "methods": "methods",
     "engine": "engine",
     "memory": "memory",
     "input": "input_pipeline",
@@ -58,7 +61,7 @@ SMOKE_TEST_NOTE = (
 def run_benchmarks(*, parts: Sequence[str] = PART_NAMES, quick: bool = False) -> dict:
     """Runs the chosen parts and returns their results with the machine's description.
 
-    Parts run in the order noise, noise_kinds, engine, memory, input, gpu_check,
+    Parts run in the order noise, noise_kinds, methods, engine, memory, input, gpu_check,
     time_to_accuracy (the last one trains with the main job's defaults). For the
     engine and gpu_check parts the CPU must already be split into
     `ENGINE_DEVICES` logical devices when there is no GPU

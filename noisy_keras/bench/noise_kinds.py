@@ -67,6 +67,80 @@ class _StepClock(keras.callbacks.Callback):
         self.ends.append(time.perf_counter())
 
 
+def update_time_rows(
+    models: dict,
+    workload: workloads.Workload,
+    *,
+    accumulation_steps: int = 1,
+    rounds: int,
+    steps_per_round: int,
+    reference: str,
+) -> list[dict]:
+    """Median time of one parameter update of each model, and its ratio to `reference`'s.
+
+    An update is one `fit` step, or k of them (micro-batches of B / k) with
+    accumulation; its time runs from the end of the previous update's last
+    step to the end of its own. Each round runs `steps_per_round` timed steps
+    (a multiple of k) of every model, after one untimed update, in alternating
+    order of the models; each model first runs 2 untimed updates (tracing, XLA).
+
+    Args:
+        models: name -> a compiled model (through the engine, or Keras' own `fit`).
+        workload: the data's workload (`workloads.batch_arrays`).
+        accumulation_steps: k, the models' engine accumulation.
+        rounds: rounds of every model.
+        steps_per_round: timed steps per model per round.
+        reference: the name whose median is the ratios' denominator.
+
+    Returns:
+        [{"kind", "update_ms", "ratio", "overhead_pct", "updates_timed"}], in `models`' order.
+    """
+    if steps_per_round % accumulation_steps:
+        raise ValueError(
+            f"steps_per_round={steps_per_round} must be a multiple of "
+            f"accumulation_steps={accumulation_steps} (whole updates)."
+        )
+    x, y = workloads.batch_arrays(workload)
+    step_batch = workload.batch_size // accumulation_steps
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(step_batch, drop_remainder=True)
+    ).prefetch(2)
+    names = list(models)
+    for name in names:  # trace and compile, untimed (k steps: every micro-batch's function)
+        models[name].fit(dataset, epochs=1, steps_per_epoch=2 * accumulation_steps, verbose=0)
+
+    def one_fit(name):
+        clock = _StepClock()
+        models[name].fit(
+            dataset,
+            epochs=1,
+            steps_per_epoch=steps_per_round + accumulation_steps,
+            verbose=0,
+            callbacks=[clock],
+        )
+        ends = clock.ends[accumulation_steps - 1 :: accumulation_steps]  # update boundaries
+        return [b - a for a, b in zip(ends[:-1], ends[1:])]
+
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else list(reversed(names)):
+            times[name].extend(one_fit(name))
+    base = harness.median(times[reference])
+    rows = []
+    for name in names:
+        step = harness.median(times[name])
+        rows.append(
+            {
+                "kind": name,
+                "update_ms": step * 1e3,
+                "ratio": step / base,
+                "overhead_pct": 100.0 * (step / base - 1.0),
+                "updates_timed": len(times[name]),
+            }
+        )
+    return rows
+
+
 def measure_noise_kinds(
     workload: workloads.Workload,
     *,
@@ -78,11 +152,8 @@ def measure_noise_kinds(
 ) -> dict:
     """Median time of one parameter update with each noise kind, and its ratio to none's.
 
-    An update is one `fit` step, or k of them (micro-batches of B / k) with
-    accumulation; its time runs from the end of the previous update's last
-    step to the end of its own. Each round runs `steps_per_round` timed steps
-    (a multiple of k) of every kind, after one untimed update, in alternating
-    order of the kinds.
+    Timed by `update_time_rows` (alternating rounds, update boundaries under
+    accumulation).
 
     Returns:
         {"model", "batch_size", "xla", "accumulation_steps", "kinds": [{"kind",
@@ -91,52 +162,16 @@ def measure_noise_kinds(
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or "none" not in kinds:
         raise ValueError(f"kinds must include 'none' and be from {KINDS}; received {kinds!r}.")
-    if steps_per_round % accumulation_steps:
-        raise ValueError(
-            f"steps_per_round={steps_per_round} must be a multiple of "
-            f"accumulation_steps={accumulation_steps} (whole updates)."
-        )
     keras.utils.clear_session()
-    x, y = workloads.batch_arrays(workload)
-    step_batch = workload.batch_size // accumulation_steps
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(step_batch, drop_remainder=True)
-    ).prefetch(2)
-    models = {}
-    for kind in kinds:
-        models[kind] = _kind_model(kind, workload, jit_compile, accumulation_steps)
-        # Trace and compile, untimed (k steps: every micro-batch's function).
-        models[kind].fit(dataset, epochs=1, steps_per_epoch=2 * accumulation_steps, verbose=0)
-
-    def one_fit(kind):
-        clock = _StepClock()
-        models[kind].fit(
-            dataset,
-            epochs=1,
-            steps_per_epoch=steps_per_round + accumulation_steps,
-            verbose=0,
-            callbacks=[clock],
-        )
-        ends = clock.ends[accumulation_steps - 1 :: accumulation_steps]  # update boundaries
-        return [b - a for a, b in zip(ends[:-1], ends[1:])]
-
-    times = {kind: [] for kind in kinds}
-    for r in range(rounds):
-        for kind in kinds if r % 2 == 0 else list(reversed(kinds)):
-            times[kind].extend(one_fit(kind))
-    base = harness.median(times["none"])
-    rows = []
-    for kind in kinds:
-        step = harness.median(times[kind])
-        rows.append(
-            {
-                "kind": kind,
-                "update_ms": step * 1e3,
-                "ratio": step / base,
-                "overhead_pct": 100.0 * (step / base - 1.0),
-                "updates_timed": len(times[kind]),
-            }
-        )
+    models = {kind: _kind_model(kind, workload, jit_compile, accumulation_steps) for kind in kinds}
+    rows = update_time_rows(
+        models,
+        workload,
+        accumulation_steps=accumulation_steps,
+        rounds=rounds,
+        steps_per_round=steps_per_round,
+        reference="none",
+    )
     return {
         "model": workload.model,
         "batch_size": workload.batch_size,

@@ -70,6 +70,21 @@ def format_tables(results: dict) -> str:
             )
         )  # fmt: skip
         out.append("\n")
+    compared = results.get("methods")
+    if compared:
+        out.append("\n### Compared methods through the engine (one device): update time vs SGD\n")
+        out.append(
+            _table(
+                ["model", "B", "XLA", "method", "update ms", "ratio", "overhead %"],
+                [
+                    [c["model"], c["batch_size"], _fmt(c["xla"]), row["kind"],
+                     _fmt(row["update_ms"]), _fmt(row["ratio"], 3), _fmt(row["overhead_pct"], 1)]
+                    for c in compared["cases"]
+                    for row in c["methods"]
+                ],
+            )
+        )  # fmt: skip
+        out.append("\n")
     engine = results.get("engine")
     if engine:
         for case in engine["cases"]:

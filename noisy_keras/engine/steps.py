@@ -298,7 +298,9 @@ def enable_replica_xla(
     example inside the XLA core by its position in the global batch, and a
     `MatchedNoiseOptimizer` gets tr(Sigma) estimated from the micro-batches
     (k >= 2) or from two halves of each replica's batch (k = 1; refused for
-    models with BatchNormalization), once per update.
+    models with BatchNormalization), once per update. A gradient method
+    (`noisy_keras.engine.methods`: SAM, the gradient-norm penalty; before or
+    after this call) runs its two passes in the same compiled core.
 
     Returns:
         `model` itself, patched in place.
@@ -385,6 +387,8 @@ def replica_xla_functions(model: keras.Model) -> dict:
         `{"train": ..., "test": ..., "predict": ...}`, each a `tf.function`
         with `jit_compile=True` (inspect it with
         `experimental_get_tracing_count` or `experimental_get_compiler_ir`).
+        "train" is the plain train core; a gradient method's cores are
+        `replica_steps(model).cores.method_cores()`.
 
     Raises:
         ValueError: `enable_replica_xla` was not applied to `model`.

@@ -62,6 +62,7 @@ import dataclasses
 import tensorflow as tf
 
 from noisy_keras._validation import check_number
+from noisy_keras.optim.registry import DEFAULT_SAM_RHO, PENALTY_GRADIENTS
 
 __all__ = [
     "GRADIENT_METHODS",
@@ -73,9 +74,6 @@ __all__ = [
     "global_norm",
     "sam_perturbation",
 ]
-
-PENALTY_GRADIENTS = ("finite_difference", "double_backprop")
-"""How `GradientNormPenalty` computes the gradient of lambda |grad L|^2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +95,7 @@ class SAM:
             so weights at 0 are perturbed too.
     """
 
-    rho: float = 0.05
+    rho: float = DEFAULT_SAM_RHO
     adaptive: bool = False
     eta: float = 0.01
 

@@ -33,13 +33,16 @@ from noisy_keras.run.config_rules import (  # the allowed values, re-exported wh
     DATASET_NAMES,
     DATASET_PREFIXES,
     DEFAULT_LARS_EETA,
+    DEFAULT_SAM_RHO,
     DETERMINISM_CHOICES,
+    GRADIENT_METHOD_NAMES,
     LR_SCALING_RULES,
     MODEL_NAMES,
     MODELS_WITH_BATCH_NORM,
     MODELS_WITH_RESIDUAL_BN,
     NOISE_KINDS,
     OPTIMIZER_NAMES,
+    PENALTY_GRADIENTS,
     PRECISION_CHOICES,
     PREPROCESSING_NAMES,
     SEED_MAX,
@@ -59,13 +62,16 @@ __all__ = [
     "DATASET_NAMES",
     "DATASET_PREFIXES",
     "DEFAULT_LARS_EETA",
+    "DEFAULT_SAM_RHO",
     "DETERMINISM_CHOICES",
+    "GRADIENT_METHOD_NAMES",
     "LR_SCALING_RULES",
     "MODEL_NAMES",
     "MODELS_WITH_BATCH_NORM",
     "MODELS_WITH_RESIDUAL_BN",
     "NOISE_KINDS",
     "OPTIMIZER_NAMES",
+    "PENALTY_GRADIENTS",
     "PREPROCESSING_NAMES",
     "PRECISION_CHOICES",
     "RESUMABLE_FIELDS",
@@ -137,6 +143,14 @@ class TrainConfig:
     precision: str = "float32"
     # TensorBoard: the noise every N updates (logging only; may change on a resume)
     noise_log_every: int = 0
+    # The compared methods: SAM or the gradient-norm penalty on the training step
+    # (engine.methods), and an exponential moving average of the weights evaluated at the end.
+    method: str = "none"
+    sam_rho: float = DEFAULT_SAM_RHO
+    sam_adaptive: bool = False
+    penalty_strength: float = 0.0
+    penalty_gradient: str = "finite_difference"
+    ema_momentum: float = 0.0
 
     def flag_strings(self) -> dict:
         """The config as `{flag name: value as written in a flagfile}`, one per field."""
@@ -147,12 +161,28 @@ class TrainConfig:
         return "".join(f"--{name}={value}\n" for name, value in self.flag_strings().items())
 
     def default_workdir(self) -> str:
-        """`runs/<dataset>-<model>-b<batch>-<noise>-s<seed>`, <noise> as in `noise_name`."""
+        """`runs/<dataset>-<model>-b<batch>-<noise><method>-s<seed>`.
+
+        <noise> as in `noise_name`, <method> as in `method_name`.
+        """
         return os.path.join(
             "runs",
             f"{self.dataset.replace(':', '_').replace('/', '_')}-{self.model}"
-            f"-b{self.batch_size}-{self.noise_name()}-s{self.seed}",
+            f"-b{self.batch_size}-{self.noise_name()}{self.method_name()}-s{self.seed}",
         )
+
+    def method_name(self) -> str:
+        """The method in names: '' (none), `-sam<rho>`, `-asam<rho>`, `-gnp<lambda>` (finite
+        difference) or `-gnpdb<lambda>` (double backprop), then `-ema<momentum>` if averaging."""
+        name = {
+            "none": "",
+            "sam": f"-{'a' if self.sam_adaptive else ''}sam{self.sam_rho:g}",
+            "gradient_norm_penalty": (
+                f"-gnp{'db' if self.penalty_gradient == 'double_backprop' else ''}"
+                f"{self.penalty_strength:g}"
+            ),
+        }[self.method]
+        return name + (f"-ema{self.ema_momentum:g}" if self.ema_momentum else "")
 
     def noise_name(self) -> str:
         """The noise in names: `a<alpha>` (white), `none`, `<kind>-n<b>` (the other kinds)."""
@@ -228,6 +258,26 @@ FIELD_HELP = {
     ),
     # Mixed precision (multi-GPU with XLA)
     "precision": "Keras dtype policy of the run (mixed: float16/bfloat16 compute, float32 logits).",
+    # The compared methods
+    "method": (
+        "Gradient method of the training step: none; sam, sharpness-aware minimization "
+        "(Foret et al. 2021; --sam_rho, --sam_adaptive), the gradient at w + rho g/|g| with each "
+        "replica perturbing by its own batch; gradient_norm_penalty, train on "
+        "L + lambda |grad L|^2 (--penalty_strength, --penalty_gradient). Both cost a second "
+        "forward and backward pass per step; noise is added to the method's gradient."
+    ),
+    "sam_rho": f"SAM's radius rho > 0 (--method=sam only; default {DEFAULT_SAM_RHO}).",
+    "sam_adaptive": "Adaptive SAM, rho |w|-relative (Kwon et al. 2021; --method=sam only).",
+    "penalty_strength": "lambda > 0 of the gradient-norm penalty (--method=gradient_norm_penalty).",
+    "penalty_gradient": (
+        "How the penalty's gradient 2 lambda H g is computed: finite_difference (Geiping et al. "
+        "2022, two first-order passes) or double_backprop (exact, second-order graph)."
+    ),
+    "ema_momentum": (
+        "Exponential moving average of the weights, kept by the optimizer (Keras' use_ema) and "
+        "written into the model when training ends, so the final evaluation and the saved model "
+        "use it; per-epoch validation sees the raw weights (0 = off; e.g. 0.99)."
+    ),
 }
 
 
@@ -272,6 +322,7 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         )
     config_rules.validate_noise(config)
     config_rules.check_scale_fields(config)
+    config_rules.validate_method(config)
     return config
 
 

@@ -34,8 +34,11 @@ from noisy_keras.models.registry import (
 from noisy_keras.noise.registry import NOISE_KINDS, SEED_MAX
 from noisy_keras.optim.registry import (
     DEFAULT_LARS_EETA,
+    DEFAULT_SAM_RHO,
+    GRADIENT_METHOD_NAMES,
     LR_SCALING_RULES,
     OPTIMIZER_NAMES,
+    PENALTY_GRADIENTS,
 )
 
 # ---------------------------------------------------------------------------
@@ -109,6 +112,13 @@ _FIELD_RULES: dict[str, tuple[Callable, str]] = {
     "noise_log_every": _int_at_least(0),
     # Mixed precision (multi-GPU with XLA)
     "precision": _one_of(PRECISION_CHOICES),
+    # The compared methods
+    "method": _one_of(GRADIENT_METHOD_NAMES),
+    "sam_rho": (lambda v: is_finite_number(v) and v > 0, "must be > 0"),
+    "sam_adaptive": (lambda v: isinstance(v, bool), "must be true or false"),
+    "penalty_strength": _finite_at_least_zero(),
+    "penalty_gradient": _one_of(PENALTY_GRADIENTS),
+    "ema_momentum": (lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
 }
 
 
@@ -210,4 +220,27 @@ def check_scale_fields(config: Any) -> None:
             f"zero_init_residual=true needs a model with residual blocks ending in "
             f"BatchNormalization ({', '.join(MODELS_WITH_RESIDUAL_BN)}); received "
             f"model={config.model!r}."
+        )
+
+
+def validate_method(config: Any) -> None:
+    """The rules that tie --method to its settings: each setting only with its method."""
+    method = config.method
+    settings = {  # (field, default, the method that uses it)
+        "sam_rho": (DEFAULT_SAM_RHO, "sam"),
+        "sam_adaptive": (False, "sam"),
+        "penalty_strength": (0.0, "gradient_norm_penalty"),
+        "penalty_gradient": ("finite_difference", "gradient_norm_penalty"),
+    }
+    for name, (default, owner) in settings.items():
+        value = getattr(config, name)
+        if method != owner and value != default:
+            raise ValueError(
+                f"--{name}={value!r} is used by --method={owner} only; received "
+                f"--method={method}. Set --method={owner}, or leave --{name} unset."
+            )
+    if method == "gradient_norm_penalty" and config.penalty_strength == 0:
+        raise ValueError(
+            "--method=gradient_norm_penalty needs --penalty_strength=lambda > 0 (0 adds no "
+            "penalty); received --penalty_strength=0.0."
         )

@@ -22,6 +22,11 @@ BatchNormalization and bias variables (`weight_decay_exclude_bn_bias`,
 `BN_AND_BIAS_PATTERNS`); zero-initialised last BatchNormalization gamma per
 residual block; label smoothing; top-5 accuracy; streamed input with the
 ResNet preprocessing (`noisy_keras.data.streaming`).
+
+The methods a study compares against: SAM or the gradient-norm penalty
+(`method`, on the model's training step: `noisy_keras.engine.methods`) and an
+exponential moving average of the weights (`ema_momentum`, Keras' `use_ema` on
+the inner optimizer, written into the model when training ends).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Callable
 import keras
 
 from noisy_keras.data import datasets
+from noisy_keras.engine import methods
 from noisy_keras.models import zoo as models
 from noisy_keras.models.losses import SmoothedSparseCategoricalCrossentropy
 from noisy_keras.noise import temperature
@@ -45,6 +51,7 @@ __all__ = [
     "BN_AND_BIAS_PATTERNS",
     "NOISE_WRAPPERS",
     "OPTIMIZER_BUILDERS",
+    "add_gradient_method",
     "add_model_noise",
     "build_compiled_model",
     "load_data",
@@ -65,8 +72,19 @@ silently match nothing). The models' only variables with these names are
 BatchNormalization (and ghost BN) scales and offsets and biases."""
 
 
+def _averaging(config: TrainConfig) -> dict:
+    """Keras' exponential moving average of the weights (`use_ema`), if the run asks for it."""
+    if not config.ema_momentum:
+        return {}
+    return {"use_ema": True, "ema_momentum": config.ema_momentum}
+
+
 def _common(config: TrainConfig, learning_rate) -> dict:
-    return {"learning_rate": learning_rate, "weight_decay": config.weight_decay or None}
+    return {
+        "learning_rate": learning_rate,
+        "weight_decay": config.weight_decay or None,
+        **_averaging(config),
+    }
 
 
 OPTIMIZER_BUILDERS: dict[str, Callable[[TrainConfig, object], keras.optimizers.Optimizer]] = {
@@ -91,6 +109,7 @@ OPTIMIZER_BUILDERS: dict[str, Callable[[TrainConfig, object], keras.optimizers.O
         exclude_from_weight_decay=(
             list(BN_AND_BIAS_PATTERNS) if c.weight_decay_exclude_bn_bias else None
         ),
+        **_averaging(c),
     ),
 }
 """Inner optimizers by `--optimizer` name: (config, learning rate or schedule) -> optimizer."""
@@ -167,6 +186,17 @@ def add_model_noise(config: TrainConfig, model: keras.Model) -> keras.Model:
     return model
 
 
+def add_gradient_method(config: TrainConfig, model: keras.Model) -> keras.Model:
+    """Puts the run's gradient method (SAM, the gradient-norm penalty) on the compiled `model`."""
+    if config.method == "sam":
+        methods.enable_sam(model, rho=config.sam_rho, adaptive=config.sam_adaptive)
+    elif config.method == "gradient_norm_penalty":
+        methods.enable_gradient_norm_penalty(
+            model, strength=config.penalty_strength, gradient=config.penalty_gradient
+        )
+    return model
+
+
 def make_schedule(config: TrainConfig, updates_per_epoch: int) -> schedule.WarmupStepDecay:
     """The run's learning rate per update: scaled, warmed up, step-decayed (`paper_schedule`)."""
     return schedule.paper_schedule(
@@ -214,6 +244,9 @@ def make_model(config: TrainConfig, dataset) -> keras.Model:
 def build_compiled_model(config: TrainConfig, dataset, learning_rate) -> keras.Model:
     """`make_model` compiled with `make_optimizer`, sparse cross-entropy on logits and accuracy.
 
+    Then the run's multiplicative noise (`add_model_noise`) and gradient method
+    (`add_gradient_method`) are put on the compiled model.
+
     With `label_smoothing` > 0 the loss is `SmoothedSparseCategoricalCrossentropy`;
     with `top5_accuracy` the metrics add "top5_accuracy". Call inside the
     strategy's scope.
@@ -226,4 +259,4 @@ def build_compiled_model(config: TrainConfig, dataset, learning_rate) -> keras.M
     if config.top5_accuracy:
         metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
     model.compile(optimizer=make_optimizer(config, learning_rate), loss=loss, metrics=metrics)
-    return add_model_noise(config, model)
+    return add_gradient_method(config, add_model_noise(config, model))

@@ -52,6 +52,8 @@ def define_flags() -> None:
         "noise": config_lib.NOISE_KINDS,
         "deterministic": config_lib.DETERMINISM_CHOICES,
         "precision": config_lib.PRECISION_CHOICES,
+        "method": config_lib.GRADIENT_METHOD_NAMES,
+        "penalty_gradient": config_lib.PENALTY_GRADIENTS,
     }
     for field in dataclasses.fields(TrainConfig):
         name, default = field.name, getattr(defaults, field.name)

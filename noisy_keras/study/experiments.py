@@ -9,7 +9,7 @@ r"""Grids of configurations x seeds through the main job, with tables and figure
         --set=lr_scaling=none --batch_sizes=512 --seeds=5 \
         --noises=none,white:1e-5,matched:32,multiplicative:32
 
-Each cell is (flagfile, batch size, noise) (`noisy_keras.study.grid`); each cell runs
+Each cell is (flagfile, batch size, noise, method) (`noisy_keras.study.grid`); each cell runs
 once per seed with `noisy_keras.run.train.train`, in `OUT/runs/<cell>/seed<k>`. A
 run whose `summary.json` says "done" is never redone, so an interrupted grid
 resumes where it stopped when the same command is run again (a run stopped
@@ -22,7 +22,9 @@ both batch sizes divide the training set, see `grid.same_updates_changes`).
 
 `--alphas` gives white-noise cells (alpha 0 meaning no noise; the original
 grid), and `--noises` any kinds: `none`, `white:ALPHA`, `matched:b`,
-`multiplicative:b` (a bare `matched` takes `--default_noise_batch_size`).
+`multiplicative:b` (a bare `matched` takes `--default_noise_batch_size`), and the
+compared methods `sam:RHO`, `asam:RHO`, `gnp:LAMBDA`, `ema:M`, alone or joined
+to a noise with `+` (`white:1e-5+sam:0.05`; `grid.parse_kind`).
 
 After its runs, the runner reports every finished run under OUT, its own and
 those of earlier invocations into the same OUT (`noisy_keras.study.reports`):
@@ -114,8 +116,9 @@ def run_grid(
             flagfile's scaling rule.
         alphas: white-noise alphas (0 = no noise).
         seeds: seeds, e.g. range(5).
-        noises: more cells' noise: `Noise` values or `--noises` entries
-            (`none`, `white:ALPHA`, `matched:b`, `multiplicative:b`).
+        noises: more cells' noise and method: `Noise` values, (`Noise`, `Method`) pairs
+            or `--noises` entries (`none`, `white:ALPHA`, `matched:b`,
+            `multiplicative:b`, `sam:RHO`, `white:1e-5+sam:0.05`, ...).
         overrides: extra `{flag: string}` applied to every run (e.g. epochs).
         shard: (index, count): this process runs every count-th job from index,
             so several processes can share a grid; each writes the tables from
@@ -175,7 +178,9 @@ def define_flags() -> None:
         [],
         "Noise kinds instead of --alphas: none, white:ALPHA, matched:b, multiplicative:b "
         "(b = the small batch to emulate; matched and multiplicative need --lr_scaling none or "
-        "sqrt in the flagfile or --set).",
+        "sqrt in the flagfile or --set); the compared methods sam:RHO, asam:RHO, gnp:LAMBDA "
+        "(gradient-norm penalty) and ema:M (weight averaging), alone (no noise) or joined to a "
+        "noise with + (white:1e-5+sam:0.05).",
     )
     flags.DEFINE_integer(
         "default_noise_batch_size",
@@ -232,7 +237,7 @@ def _run_from_flags(FLAGS) -> int:
             overrides[key.lstrip("-")] = value
         batch_sizes = [int(b) for b in FLAGS.batch_sizes]
         alphas = [float(a) for a in FLAGS.alphas]
-        noises = [grid_lib.parse_noise(n, FLAGS.default_noise_batch_size) for n in FLAGS.noises]
+        noises = [grid_lib.parse_kind(n, FLAGS.default_noise_batch_size) for n in FLAGS.noises]
         if noises:
             if FLAGS["alphas"].present:
                 raise ValueError("Give --alphas or --noises, not both (white:ALPHA is a noise).")

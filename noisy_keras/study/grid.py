@@ -1,13 +1,18 @@
-"""A grid's cells: base flagfile x batch size x noise, and each run's config and directory.
+"""A grid's cells: base flagfile x batch size x kind, and each run's config and directory.
 
-A cell is (flagfile, batch size, noise). A flagfile is a path, or the bare name
+A cell is (flagfile, batch size, noise, method). A flagfile is a path, or the bare name
 of a recipe shipped with the package (`noisy_keras.run.flagfile.recipes()`, the
 files of the repository's flags/), which resolves from any working directory. The noise of
 a cell is a noise kind of the main job (`--noise`): `none`, `white:ALPHA`,
 `matched:b`, `multiplicative:b` (b the small batch whose noise the kind
-restores). Run directories are `OUT/runs/<cell>/seed<k>`, with cells named
+restores). Its method is a compared method of the main job, none by default:
+`sam:RHO`, `asam:RHO` (adaptive), `gnp:LAMBDA` (the gradient-norm penalty),
+each optionally with `ema:M` (weight averaging); a `--noises` entry joins them
+with `+` (`white:1e-5+sam:0.05`; a method alone trains without noise).
+Run directories are `OUT/runs/<cell>/seed<k>`, with cells named
 `<flagfile>-b<B>-a<alpha>` for white noise and `-none`, `-matched-n<b>`,
-`-multiplicative-n<b>` for the others (`Cell.name`); `cell_of_run` reads a
+`-multiplicative-n<b>` for the others (`Cell.name`), followed by the method's
+`TrainConfig.method_name` (`-sam0.05`, `-ema0.99`, ...); `cell_of_run` reads a
 cell back from a run's flags.txt.
 
 The runner (`noisy_keras.experiments`) trains the runs; `noisy_keras.study.reports`
@@ -68,6 +73,103 @@ class Noise:
         return {"noise": self.kind, "noise_alpha": self.alpha, "noise_batch_size": self.batch_size}
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A cell's compared method: a `--method` with its setting, and weight averaging.
+
+    Attributes:
+        kind: "none", "sam" or "gradient_norm_penalty".
+        value: SAM's rho or the penalty's lambda (0 for none).
+        adaptive: adaptive SAM.
+        ema: the weights' moving-average momentum (0: none).
+    """
+
+    kind: str = "none"
+    value: float = 0.0
+    adaptive: bool = False
+    ema: float = 0.0
+
+    @classmethod
+    def of_config(cls, config: config_lib.TrainConfig) -> Method:
+        """The method a config trains with (the inverse of `config_changes`)."""
+        value = {"none": 0.0, "sam": config.sam_rho}.get(config.method, config.penalty_strength)
+        return cls(config.method, value, config.sam_adaptive, config.ema_momentum)
+
+    def config_changes(self) -> dict:
+        """The `TrainConfig` fields this method sets (the others keep their defaults)."""
+        changes = {"method": self.kind, "ema_momentum": self.ema}
+        if self.kind == "sam":
+            changes.update(sam_rho=self.value, sam_adaptive=self.adaptive)
+        elif self.kind == "gradient_norm_penalty":
+            changes.update(penalty_strength=self.value)
+        return changes
+
+    @property
+    def name(self) -> str:
+        """'' for none, else as in run names (`TrainConfig.method_name`): `-sam0.05`, ..."""
+        return config_lib.TrainConfig(**self.config_changes()).method_name()
+
+    @property
+    def label(self) -> str:
+        """The method in tables and legends ('' for none): ` + SAM rho=0.05`, ` + EMA 0.99`."""
+        text = {
+            "none": "",
+            "sam": f" + {'adaptive ' if self.adaptive else ''}SAM rho={self.value:g}",
+            "gradient_norm_penalty": f" + grad-norm penalty lambda={self.value:g}",
+        }[self.kind]
+        return text + (f" + EMA {self.ema:g}" if self.ema else "")
+
+
+# `--noises` entry parts naming a method: kind -> (TrainConfig.method, adaptive).
+_METHOD_PARTS = {
+    "sam": ("sam", False),
+    "asam": ("sam", True),
+    "gnp": ("gradient_norm_penalty", False),
+}
+
+
+def parse_kind(text: str, default_batch_size: int = 0) -> tuple[Noise, Method]:
+    """One `--noises` entry: a noise, a method, or both joined by `+` (module doc).
+
+    `sam:0.05`, `asam:0.5`, `gnp:0.01` and `ema:0.99` are methods; at most one
+    noise, one of sam/asam/gnp and one ema per entry. Without a noise part the
+    noise is none.
+
+    Raises:
+        ValueError: naming the entry and what is allowed.
+    """
+    allowed = (
+        "a noise (none, white:ALPHA, matched[:b], multiplicative[:b]) and/or methods "
+        "(sam:RHO, asam:RHO, gnp:LAMBDA, ema:M) joined by +"
+    )
+    noise, method, ema = None, None, 0.0
+    for part in text.strip().split("+"):
+        kind, _, value = part.strip().partition(":")
+        if kind in _METHOD_PARTS or kind == "ema":
+            number = float(value) if _is_number(value, float) else None
+            ok = number is not None and (0 < number < 1 if kind == "ema" else 0 < number)
+            if not ok or (kind == "ema" and ema) or (kind != "ema" and method):
+                raise ValueError(
+                    f"--noises entry {text!r}: part {part!r} must be {kind}:"
+                    f"{'M with 0 < M < 1' if kind == 'ema' else 'X with X > 0'}, once per "
+                    f"entry; allowed: {allowed}."
+                )
+            if kind == "ema":
+                ema = number
+            else:
+                method = (*_METHOD_PARTS[kind], number)
+        elif noise is None:
+            noise = parse_noise(part, default_batch_size)
+        else:
+            raise ValueError(f"--noises entry {text!r} has two noises; allowed: {allowed}.")
+    if noise is None:
+        noise = Noise("none")
+    if method is None:
+        return noise, Method(ema=ema)
+    kind, adaptive, value = method
+    return noise, Method(kind, value, adaptive, ema)
+
+
 def parse_noise(text: str, default_batch_size: int = 0) -> Noise:
     """One `--noises` entry: `none`, `white:ALPHA`, `matched[:b]` or `multiplicative[:b]`.
 
@@ -104,17 +206,19 @@ def _is_number(text: str, kind) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One configuration of a grid: a base flagfile with batch size and noise overridden."""
+    """One configuration of a grid: a base flagfile with batch size, noise and method overridden."""
 
     flagfile: str
     batch_size: int
     alpha: float
     noise: Noise | None = None  # None: white noise of `alpha` (the original grid)
+    method: Method = Method()
 
     @classmethod
-    def of(cls, flagfile: str, batch_size: int, noise: Noise) -> Cell:
+    def of(cls, flagfile: str, batch_size: int, noise: Noise, method: Method = Method()) -> Cell:
         """The cell of `flagfile` at `batch_size` with `noise` (white noise kept as `alpha`)."""
-        return cls(flagfile, batch_size, noise.alpha, None if noise.kind == "white" else noise)
+        plain = None if noise.kind == "white" else noise
+        return cls(flagfile, batch_size, noise.alpha, plain, method)
 
     @property
     def kind(self) -> Noise:
@@ -126,7 +230,17 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.base_name}-b{self.batch_size}-{self.kind.name}"
+        return f"{self.base_name}-b{self.batch_size}-{self.kind.name}{self.method.name}"
+
+    @property
+    def label(self) -> str:
+        """The table's noise column: the noise's label, then the method's."""
+        return self.kind.label + self.method.label
+
+    @property
+    def legend(self) -> str:
+        """The figures' name of the cell's noise and method."""
+        return self.kind.legend + self.method.label
 
 
 DEFAULT_FLAGFILES = ("repro_digits.flags", "repro_mnist1d.flags")
@@ -138,13 +252,20 @@ def grid_cells(flagfiles, batch_sizes, alphas=(), noises=()) -> list[Cell]:
     Args:
         flagfiles, batch_sizes: as in `run_grid`.
         alphas: white-noise alphas (the original grid).
-        noises: `Noise` values (or `--noises` entries), after the alphas.
+        noises: `Noise` values, (`Noise`, `Method`) pairs or `--noises` entries, after
+            the alphas.
     """
-    kinds = [Noise("white", alpha=float(a)) for a in alphas]
-    kinds += [n if isinstance(n, Noise) else parse_noise(n) for n in noises]
+    kinds = [(Noise("white", alpha=float(a)), Method()) for a in alphas]
+    for entry in noises:
+        if isinstance(entry, Noise):
+            kinds.append((entry, Method()))
+        elif isinstance(entry, tuple):
+            kinds.append(entry)
+        else:
+            kinds.append(parse_kind(entry))
     return [
-        Cell.of(flagfile_lib.resolve(f), int(b), k)
-        for f, b, k in itertools.product(flagfiles, batch_sizes, kinds)
+        Cell.of(flagfile_lib.resolve(f), int(b), noise, method)
+        for f, b, (noise, method) in itertools.product(flagfiles, batch_sizes, kinds)
     ]
 
 
@@ -196,7 +317,10 @@ def cell_config(
     values = {"verbose": "0", **config_lib.read_flagfile(cell.flagfile), **overrides}
     try:
         config = config_lib.config_from_strings(values).replace(
-            batch_size=cell.batch_size, seed=seed, **cell.kind.config_changes()
+            batch_size=cell.batch_size,
+            seed=seed,
+            **cell.kind.config_changes(),
+            **cell.method.config_changes(),
         )
         return config.replace(**same_updates_changes(config)) if same_updates else config
     except ValueError as error:
@@ -212,12 +336,12 @@ def cell_of_run(workdir: str, config: config_lib.TrainConfig) -> Cell:
     Raises:
         ValueError: the directory name does not end as the config's cell would.
     """
-    noise = Noise.of_config(config)
+    noise, method = Noise.of_config(config), Method.of_config(config)
     name = os.path.basename(os.path.dirname(os.path.normpath(workdir)))
-    suffix = f"-b{config.batch_size}-{noise.name}"
+    suffix = f"-b{config.batch_size}-{noise.name}{method.name}"
     if not name.endswith(suffix) or len(name) == len(suffix):
         raise ValueError(
             f"run directory {workdir!r}: cell name {name!r} does not end with {suffix!r}, the "
-            "batch size and noise of its flags.txt."
+            "batch size, noise and method of its flags.txt."
         )
-    return Cell.of(f"{name[: -len(suffix)]}.flags", config.batch_size, noise)
+    return Cell.of(f"{name[: -len(suffix)]}.flags", config.batch_size, noise, method)

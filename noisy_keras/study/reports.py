@@ -45,8 +45,8 @@ def run_row(
         "noise": cell.kind.kind,
         "alpha": cell.alpha,
         "noise_batch_size": cell.kind.batch_size,
-        "noise_label": cell.kind.label,
-        "legend": cell.kind.legend,
+        "noise_label": cell.label,
+        "legend": cell.legend,
         "seed": seed,
         "status": summary["status"],
         **{m: float(summary.get(m, float("nan"))) for m in METRICS},
@@ -81,7 +81,7 @@ def collect_rows(out: str) -> list[dict]:
     rows.sort(
         key=lambda r: (
             r["base"], r["batch_size"], config_lib.NOISE_KINDS.index(r["noise"]), r["alpha"],
-            r["noise_batch_size"], r["seed"],
+            r["noise_batch_size"], r["cell"], r["seed"],
         )
     )  # fmt: skip
     return rows

@@ -94,6 +94,39 @@ def test_noise_kinds_report_every_kind_against_none(quick_results):
     assert rows["none"]["ratio"] == 1.0
 
 
+def test_methods_report_every_method_against_plain_sgd(quick_results):
+    from noisy_keras.bench.methods import METHODS
+
+    (case,) = quick_results[0]["methods"]["cases"]
+    rows = {row["kind"]: row for row in case["methods"]}
+    assert tuple(rows) == METHODS and METHODS[0] == "sgd"
+    assert "Compared methods through the engine" in quick_results[1]
+    for row in rows.values():
+        assert _positive(row["update_ms"]) and row["updates_timed"] == 4  # 2 rounds x 2 steps
+        assert row["ratio"] == pytest.approx(row["update_ms"] / rows["sgd"]["update_ms"], 1e-12)
+    assert rows["sgd"]["ratio"] == 1.0
+
+
+def test_each_benchmarked_method_model_trains_with_its_method():
+    from noisy_keras.bench import methods, workloads
+    from noisy_keras.engine.cores import gradient_method
+    from noisy_keras.optim.sharpness import SAM, GradientNormPenalty
+
+    workload = workloads.Workload(workloads.DIGITS_MLP, 64)
+    expected = {
+        "sgd": (None, False),
+        "sam": (SAM(0.05), False),
+        "adaptive_sam": (SAM(0.5, adaptive=True), False),
+        "penalty_finite_difference": (GradientNormPenalty(0.01), False),
+        "penalty_double_backprop": (GradientNormPenalty(0.01, gradient="double_backprop"), False),
+        "ema": (None, True),
+    }
+    assert tuple(expected) == methods.METHODS
+    for name, (method, ema) in expected.items():
+        model = methods._method_model(name, workload, jit_compile=True)
+        assert gradient_method(model) == method and model.optimizer.use_ema == ema, name
+
+
 def test_engine_reports_three_paths_with_consistent_throughput(quick_results):
     (case,) = quick_results[0]["engine"]["cases"]
     rows = {row["config"]: row for row in case["configs"]}
@@ -304,3 +337,35 @@ def test_the_benchmarks_page_shows_the_committed_engine_runs():
     )
     page = open(os.path.join(REPO, "docs", "how-to", "benchmarks.md")).read()
     assert engine_table(paths) in page
+
+
+def methods_table(paths) -> str:
+    """The benchmarks page's methods table, from the committed runs of `--parts=methods`."""
+    runs = [json.load(open(p)) for p in paths]
+    rows = {}
+    for run in runs:
+        assert run["meta"]["tensorflow"] == "2.21.0" and run["meta"]["keras"] == "3.15.1"
+        (case,) = run["methods"]["cases"]
+        assert (case["model"], case["batch_size"], case["xla"]) == ("cnn", 512, True)
+        for row in case["methods"]:
+            rows.setdefault(row["kind"], []).append(
+                (f"{row['update_ms']:.1f}", f"{row['ratio']:.2f}x")
+            )
+    lines = ["| method | update ms | ratio to sgd |", "|---|---|---|"]
+    for kind, cells in rows.items():
+        lines.append(
+            f"| {kind} | {', '.join(ms for ms, _ in cells)} | {', '.join(r for _, r in cells)} |"
+        )
+    return "\n".join(lines)
+
+
+def test_the_benchmarks_page_shows_the_committed_methods_runs():
+    directory = os.path.join(REPO, "results", "bench")
+    paths = sorted(
+        os.path.join(directory, name)
+        for name in os.listdir(directory)
+        if name.startswith("methods_run")
+    )
+    assert len(paths) == 2
+    page = open(os.path.join(REPO, "docs", "how-to", "benchmarks.md")).read()
+    assert methods_table(paths) in page

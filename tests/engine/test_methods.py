@@ -226,3 +226,16 @@ def test_penalty_is_in_loss_units_under_a_loss_scale(gradient):
     theta = _theta(model)
     got = _one_step(model, x, y)
     np.testing.assert_allclose(got, _expected_step(method, theta, x, y, 2), rtol=2e-5, atol=2e-6)
+
+
+def test_accumulation_perturbs_each_micro_batch_of_each_replica():
+    """k = 2 accumulation steps on R = 2 replicas: m = B / 4, the update is the quarters' mean."""
+    x, y = _data()
+    model = _linear(2)
+    replica_xla.enable_replica_xla(model, accumulation_steps=2)
+    enable_sam(model, rho=0.05)
+    theta = _theta(model)
+    model.fit(x, y, batch_size=B // 2, epochs=1, shuffle=False, verbose=0)
+    assert int(np.asarray(model.optimizer.iterations)) == 1
+    want = _expected_step(SAM(rho=0.05), theta, x, y, 4)
+    np.testing.assert_allclose(_theta(model), want, rtol=2e-5, atol=2e-6)
