@@ -276,7 +276,8 @@ FIELD_HELP = {
     "ema_momentum": (
         "Exponential moving average of the weights, kept by the optimizer (Keras' use_ema) and "
         "written into the model when training ends, so the final evaluation and the saved model "
-        "use it; per-epoch validation sees the raw weights (0 = off; e.g. 0.99)."
+        "use it; per-epoch validation sees the raw weights (0 = off; e.g. 0.99). It remembers "
+        "about 1/(1-m) updates from the first update's weights: a shorter run gets a notice."
     ),
 }
 

@@ -16,6 +16,7 @@ Set NOISY_KERAS_TF_LOGS=1 to see TensorFlow's own log lines.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import warnings
 
@@ -263,6 +264,9 @@ def _run(config, workdir, plan, strategy, policy, log, user_callbacks) -> dict:
             )
         updates_per_epoch = config.updates_per_epoch
     eval_batch_size = evaluation_batch_size(split.step_batch_size, strategy.num_replicas_in_sync)
+    short = averaging_lag_notice(config.ema_momentum, updates_per_epoch * config.epochs)
+    if short:
+        log(f"noisy_keras.train: {short}")
     steps_per_epoch = updates_per_epoch * config.accumulation_steps
     schedule = recipe.make_schedule(config, updates_per_epoch)
 
@@ -371,6 +375,26 @@ def _report(config, run_dir, result, dataset, batch_size, policy, log) -> dict:
 
 EVAL_BATCH_LIMIT = 1024
 """Largest global batch for validation and the final evaluation (see `evaluation_batch_size`)."""
+
+
+def averaging_lag_notice(ema_momentum: float, updates: int) -> str | None:
+    """A warning when the weights' moving average spans too much of the run, else None.
+
+    Keras starts the average at the first update's weights with no bias
+    correction, and it remembers about 1 / (1 - m) updates, so a run of fewer
+    than 3 / (1 - m) updates ends with an average still weighted towards its
+    early weights (the default job for 2 epochs, 20 updates: validation
+    accuracy 0.61 without averaging, 0.33 with m = 0.9, 0.08 with m = 0.99).
+    """
+    if not ema_momentum or updates >= 3.0 / (1.0 - ema_momentum):
+        return None
+    largest = math.floor(1000.0 * max(0.0, 1.0 - 3.0 / updates)) / 1000.0  # rounded down
+    return (
+        f"warning: --ema_momentum={ema_momentum:g} averages over about "
+        f"{1.0 / (1.0 - ema_momentum):.0f} updates, and this run makes {updates}: the averaged "
+        "weights it evaluates and saves stay close to its early ones. Use a smaller momentum "
+        f"(at most {largest:g} for {updates} updates) or more epochs."
+    )
 
 
 def evaluation_batch_size(step_batch_size: int, replicas: int) -> int:

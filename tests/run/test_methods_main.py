@@ -81,8 +81,12 @@ def plain_run(tmp_path_factory):
 def test_each_method_trains_and_changes_the_run(changes, plain_run, tmp_path):
     config = config_lib.TrainConfig(**TINY, **changes)
     workdir = str(tmp_path / "run")
-    summary = train_lib.train(config, workdir)
+    messages = []
+    summary = train_lib.train(config, workdir, log=messages.append)
     assert summary["status"] == "done" and summary["val_accuracy"] > 0.15  # chance is 0.1
+    # 5 updates, and an average over about 1 / (1 - 0.5) = 2: fewer than 3 / (1 - m) = 6.
+    lag = [m for m in messages if "--ema_momentum=0.5 averages over about 2 updates" in m]
+    assert len(lag) == ("ema_momentum" in changes), messages
     _, weights = _weights(workdir)
     _, plain = _weights(plain_run)
     assert max(np.max(np.abs(a - b)) for a, b in zip(weights, plain)) > 1e-4
@@ -214,3 +218,11 @@ def test_runner_kinds_parse_name_configure_and_read_back(
 def test_bad_runner_kinds_are_refused(entry, message):
     with pytest.raises(ValueError, match=message):
         grid.parse_kind(entry)
+
+
+def test_the_averaging_lag_notice_starts_below_three_memories():
+    assert train_lib.averaging_lag_notice(0.0, 5) is None
+    assert train_lib.averaging_lag_notice(0.99, 300) is None
+    notice = train_lib.averaging_lag_notice(0.99, 299)
+    assert "averages over about 100 updates, and this run makes 299" in notice
+    assert "at most 0.989 for 299 updates" in notice
