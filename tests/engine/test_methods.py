@@ -47,26 +47,30 @@ def _theta(model):
     return np.concatenate([kernel[:, 0], bias])
 
 
-def _gradient(theta, x, y):
+def _gradient(theta, x, y, weights=None):
+    """Gradient and Hessian of (1/n) sum_i w_i (x_i . theta - y_i)^2 (w = 1 unless given)."""
     design = np.concatenate([x, np.ones((len(x), 1))], axis=1).astype(np.float64)
-    return 2.0 / len(x) * design.T @ (design @ theta - y[:, 0]), 2.0 / len(x) * design.T @ design
+    w = np.ones(len(x)) if weights is None else weights
+    residual = design @ theta - y[:, 0]
+    return 2.0 / len(x) * design.T @ (w * residual), 2.0 / len(x) * design.T @ (w[:, None] * design)
 
 
-def _method_gradient(method, theta, x, y):
-    g, hessian = _gradient(theta, x, y)
+def _method_gradient(method, theta, x, y, weights=None):
+    g, hessian = _gradient(theta, x, y, weights)
     if isinstance(method, SAM):
         if method.adaptive:
             scale = np.abs(theta) + method.eta
             e = method.rho * scale**2 * g / np.linalg.norm(scale * g)
         else:
             e = method.rho * g / np.linalg.norm(g)
-        return _gradient(theta + e, x, y)[0]
+        return _gradient(theta + e, x, y, weights)[0]
     return g + 2.0 * method.strength * hessian @ g
 
 
-def _expected_step(method, theta, x, y, replicas):
+def _expected_step(method, theta, x, y, replicas, weights=None):
     parts = np.split(np.arange(len(x)), replicas)  # tf.distribute's split of a batch
-    mean = np.mean([_method_gradient(method, theta, x[p], y[p]) for p in parts], axis=0)
+    w = np.ones(len(x)) if weights is None else weights
+    mean = np.mean([_method_gradient(method, theta, x[p], y[p], w[p]) for p in parts], axis=0)
     return theta - LR * mean
 
 
@@ -239,3 +243,23 @@ def test_accumulation_perturbs_each_micro_batch_of_each_replica():
     assert int(np.asarray(model.optimizer.iterations)) == 1
     want = _expected_step(SAM(rho=0.05), theta, x, y, 4)
     np.testing.assert_allclose(_theta(model), want, rtol=2e-5, atol=2e-6)
+
+
+def test_multiplicative_noise_weights_both_passes_of_each_replica():
+    """SAM and the penalty through the noise kinds' cores: w_p weights both passes' examples."""
+    from noisy_keras.noise.multiplicative import enable_multiplicative_noise, example_weights
+
+    x, y = _data()
+    weights = example_weights(B, seed=5, step=0, variance=1.0).numpy().astype(np.float64)
+    for method in (SAM(rho=0.05), GradientNormPenalty(strength=0.05)):
+        keras.utils.clear_session()
+        model = _linear(2)
+        enable_multiplicative_noise(model, batch_size=B, variance=1.0, seed=5)
+        enable_gradient_method(model, method)
+        theta = _theta(model)
+        got = _one_step(model, x, y)
+        want = _expected_step(method, theta, x, y, 2, weights)
+        # Weights drawn under XLA differ from eager ones by a few float32 ulp.
+        np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-6)
+        unweighted = _expected_step(method, theta, x, y, 2)
+        assert np.max(np.abs(want - unweighted)) > 1e-3
