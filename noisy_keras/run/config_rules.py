@@ -235,8 +235,9 @@ def validate_method(config: Any) -> None:
     for name, (default, owner) in settings.items():
         value = getattr(config, name)
         if method != owner and value != default:
+            text = str(value).lower() if isinstance(value, bool) else repr(value)  # as a flag
             raise ValueError(
-                f"--{name}={value!r} is used by --method={owner} only; received "
+                f"--{name}={text} is used by --method={owner} only; received "
                 f"--method={method}. Set --method={owner}, or leave --{name} unset."
             )
     if method == "gradient_norm_penalty" and config.penalty_strength == 0:

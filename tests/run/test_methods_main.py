@@ -116,7 +116,7 @@ def test_the_recipe_attaches_what_the_config_names():
             dict(method="sam", penalty_strength=0.1),
             r"--penalty_strength=0.1 is used by --method=gradient_norm_penalty only",
         ),
-        (dict(sam_adaptive=True), r"--sam_adaptive=True is used by --method=sam only"),
+        (dict(sam_adaptive=True), r"--sam_adaptive=true is used by --method=sam only"),
         (
             dict(method="gradient_norm_penalty"),
             r"needs --penalty_strength=lambda > 0 .*received --penalty_strength=0.0",
