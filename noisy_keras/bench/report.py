@@ -21,6 +21,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def _update_time_table(cases, key: str, name: str, *, with_k: bool) -> str:
+    """The rows of `noise_kinds.update_time_rows` of each case (`case[key]`) as one table."""
+    k_header = ["k"] if with_k else []
+    return _table(
+        ["model", "B", "XLA", *k_header, name, "update ms", "ratio", "overhead %"],
+        [
+            [c["model"], c["batch_size"], _fmt(c["xla"]),
+             *([c["accumulation_steps"]] if with_k else []), row["kind"],
+             _fmt(row["update_ms"]), _fmt(row["ratio"], 3), _fmt(row["overhead_pct"], 1)]
+            for c in cases
+            for row in c[key]
+        ],
+    )  # fmt: skip
+
+
 def format_tables(results: dict) -> str:
     """The results as Markdown tables, one per part present."""
     out = []
@@ -57,33 +72,12 @@ def format_tables(results: dict) -> str:
     kinds = results.get("noise_kinds")
     if kinds:
         out.append("\n### Noise kinds through the engine (one device): update time vs none\n")
-        out.append(
-            _table(
-                ["model", "B", "XLA", "k", "kind", "update ms", "ratio", "overhead %"],
-                [
-                    [c["model"], c["batch_size"], _fmt(c["xla"]), c["accumulation_steps"],
-                     row["kind"], _fmt(row["update_ms"]), _fmt(row["ratio"], 3),
-                     _fmt(row["overhead_pct"], 1)]
-                    for c in kinds["cases"]
-                    for row in c["kinds"]
-                ],
-            )
-        )  # fmt: skip
+        out.append(_update_time_table(kinds["cases"], "kinds", "kind", with_k=True))
         out.append("\n")
     compared = results.get("methods")
     if compared:
         out.append("\n### Compared methods through the engine (one device): update time vs SGD\n")
-        out.append(
-            _table(
-                ["model", "B", "XLA", "method", "update ms", "ratio", "overhead %"],
-                [
-                    [c["model"], c["batch_size"], _fmt(c["xla"]), row["kind"],
-                     _fmt(row["update_ms"]), _fmt(row["ratio"], 3), _fmt(row["overhead_pct"], 1)]
-                    for c in compared["cases"]
-                    for row in c["methods"]
-                ],
-            )
-        )  # fmt: skip
+        out.append(_update_time_table(compared["cases"], "methods", "method", with_k=False))
         out.append("\n")
     engine = results.get("engine")
     if engine:

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._structures import dense_all
+from noisy_keras._structures import dense_all, replica_in_sync
 from noisy_keras.engine.state import changed, check_state_unchanged_in_length
 from noisy_keras.optim import sharpness
 
@@ -56,7 +56,7 @@ class StatelessCores:
 
     `train_core(method, num_replicas)` is the compiled train core for a
     gradient method (the plain one for None), `uncompiled_train_core` the same
-    uncompiled.
+    uncompiled; `method_in_force()` is the key of the step being traced.
 
     Args:
         model: a compiled Keras model.
@@ -111,6 +111,13 @@ class StatelessCores:
         gradients = tape.gradient(scaled_loss, trainable)
         return loss, gradients, y_pred, non_trainable, metrics
 
+    def method_in_force(self) -> tuple:
+        """(the model's gradient method or None, R of the replica context): a train core's key.
+
+        Read while the step is traced, in the replica context.
+        """
+        return gradient_method(self.model), replica_in_sync()[1]
+
     def uncompiled_train_core(self, method, num_replicas: int):
         """The train core for `method` (None: the plain one) with R replicas, uncompiled."""
         if method is None:
@@ -145,9 +152,9 @@ class StatelessCores:
         inputs = (non_trainable, metrics, loss_scale, x, y, sw)
         trainable = list(trainable)
         penalty = isinstance(method, sharpness.GradientNormPenalty)
+        # c = loss scale / R: the core's gradients are c grad L (Keras divides by R).
+        scale = tf.cast(loss_scale, tf.float32) / float(num_replicas)
         if penalty and method.gradient == "double_backprop":
-            # c = loss scale / R: the core's gradients are c grad L (Keras divides by R).
-            scale = tf.cast(loss_scale, tf.float32) / float(num_replicas)
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 loss, gradients, y_pred, new_non_trainable, new_metrics = core(trainable, *inputs)
@@ -159,24 +166,25 @@ class StatelessCores:
             return loss, gradients, y_pred, new_non_trainable, new_metrics
         loss, gradients, y_pred, new_non_trainable, new_metrics = core(trainable, *inputs)
         gradients = dense_all(gradients)
-        if isinstance(method, sharpness.SAM):
+        # SAM's e, or the finite difference's h g = epsilon g / |g| (SAM's e at radius epsilon).
+        if penalty:
+            shift = sharpness.sam_perturbation(gradients, trainable, rho=method.epsilon)
+        else:
             shift = sharpness.sam_perturbation(
                 gradients, trainable, rho=method.rho, adaptive=method.adaptive, eta=method.eta
             )
-        else:
-            shift = sharpness.finite_difference_step(gradients, trainable, epsilon=method.epsilon)
         shifted = [w if d is None else w + d for w, d in zip(trainable, shift, strict=True)]
         shifted_gradients = dense_all(core(shifted, *inputs)[1])
-        if isinstance(method, sharpness.SAM):
-            gradients = shifted_gradients
-        else:
+        if penalty:
             gradients = sharpness.finite_difference_penalty_gradients(
                 gradients,
                 shifted_gradients,
                 strength=method.strength,
                 epsilon=method.epsilon,
-                gradient_scale=tf.cast(loss_scale, tf.float32) / float(num_replicas),
+                gradient_scale=scale,
             )
+        else:
+            gradients = shifted_gradients
         return loss, gradients, y_pred, new_non_trainable, new_metrics
 
     def _loss_and_predictions(self, trainable, non_trainable, metrics, x, y, sw):

@@ -58,7 +58,6 @@ import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
 from noisy_keras._structures import batch_size, dense_all, replica_in_sync
-from noisy_keras.engine.cores import gradient_method
 from noisy_keras.models.layers import GhostBatchNormalization
 from noisy_keras.noise import covariance, multiplicative
 from noisy_keras.noise.chain import find_wrapper
@@ -289,7 +288,7 @@ class EngineNoise:
 
     def _core(self, settings, halves: bool):
         # The train core of the model's gradient method (SAM, ...; engine.methods), per key.
-        method, num_replicas = gradient_method(self._steps.model), replica_in_sync()[1]
+        method, num_replicas = self._cores_of_model.method_in_force()
         key = (settings, halves, method, num_replicas)
         if key not in self._cores:
             core = self._cores_of_model.uncompiled_train_core(method, num_replicas)
@@ -311,8 +310,8 @@ class EngineNoise:
         """
         halves = noise.matched is not None and self._steps.accumulation_steps == 1
         if noise.weights is None and not halves:
-            method = gradient_method(self._steps.model)
-            return self._cores_of_model.train_core(method, replica_in_sync()[1])(*core_inputs)
+            cores = self._cores_of_model
+            return cores.train_core(*cores.method_in_force())(*core_inputs)
         outputs, noise.group_trace = self._core(noise.weights, halves)(
             *core_inputs, noise.step, noise.offset
         )

@@ -22,11 +22,11 @@ import keras
 import tensorflow as tf
 
 from noisy_keras import _keras_internals as internals
-from noisy_keras._structures import batch_size, dense_all, replica_in_sync
+from noisy_keras._structures import batch_size, dense_all
 from noisy_keras._validation import check_int
 from noisy_keras.engine import accumulation
 from noisy_keras.engine import hooks as noise_hooks
-from noisy_keras.engine.cores import StatelessCores, gradient_method
+from noisy_keras.engine.cores import StatelessCores
 from noisy_keras.engine.state import (
     assign,
     mean_over_replicas,
@@ -101,7 +101,6 @@ class _ReplicaXLASteps:
         # The pure, compiled functions of each replica (engine.cores).
         cores = StatelessCores(model, jit_compile)
         self.cores = cores
-        self.loss_and_gradients = cores.loss_and_gradients
         self.loss_and_predictions = cores.loss_and_predictions
         self.predictions = cores.predictions
         # Noise kinds that need the step (multiplicative weights, matched trace): noise_hooks.
@@ -160,10 +159,9 @@ class _ReplicaXLASteps:
         )
         # ---- gradient methods (engine.methods: SAM, ...) and noise kinds (noise_hooks):
         # the plain core unless one is on ----
-        method = gradient_method(model)
         noise = self.noise.step(micro_batch, x)
         if noise is None:
-            core = self.cores.train_core(method, replica_in_sync()[1])
+            core = self.cores.train_core(*self.cores.method_in_force())
             loss, gradients, y_pred, non_trainable, metrics = core(*core_inputs)
         else:
             outputs = self.noise.loss_and_gradients(noise, core_inputs)
@@ -400,7 +398,7 @@ def replica_xla_functions(model: keras.Model) -> dict:
             "enable_replica_xla(model) first."
         )
     return {
-        "train": steps.loss_and_gradients,
+        "train": steps.cores.loss_and_gradients,
         "test": steps.loss_and_predictions,
         "predict": steps.predictions,
     }

@@ -70,7 +70,6 @@ __all__ = [
     "PENALTY_GRADIENTS",
     "SAM",
     "finite_difference_penalty_gradients",
-    "finite_difference_step",
     "global_norm",
     "sam_perturbation",
 ]
@@ -171,7 +170,9 @@ def sam_perturbation(gradients, weights, *, rho: float, adaptive: bool = False, 
     """e = rho g / |g|, or rho T_w^2 g / |T_w g| with T_w = |w| + eta when adaptive.
 
     The norm is taken over all the gradients together; a zero gradient gives
-    e = 0. Invariant to the gradients' scale (loss scale, 1 / R).
+    e = 0. Invariant to the gradients' scale (loss scale, 1 / R). With
+    rho = epsilon and no adaptation it is also the finite difference's step
+    h g = epsilon g / |g| of `GradientNormPenalty`.
 
     Args:
         gradients: g, a list of tensors (None for a variable without one).
@@ -200,15 +201,6 @@ def sam_perturbation(gradients, weights, *, rho: float, adaptive: bool = False, 
     return [
         None if p is None else tf.cast(factor * p, w.dtype)
         for p, w in zip(parts, weights, strict=True)
-    ]
-
-
-def finite_difference_step(gradients, weights, *, epsilon: float):
-    """h g with h = epsilon / |g|: the step of length epsilon along the gradient (0 for g = 0)."""
-    factor = epsilon * _safe_inverse(global_norm(gradients))
-    return [
-        None if g is None else tf.cast(factor * tf.cast(g, tf.float32), w.dtype)
-        for g, w in zip(gradients, weights, strict=True)
     ]
 
 
